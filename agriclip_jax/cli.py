@@ -1,0 +1,53 @@
+"""The `agriclip` command: one subcommand per stage of the pipeline.
+
+Each subcommand lives in its own module under `agriclip_jax.commands` and exposes
+`add_arguments(parser)` and `run(args) -> int`. The table below is the whole registry: a
+subcommand's module is imported only when that subcommand runs, so a slow import (JAX, torch)
+never delays `agriclip --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Order is the order of the data flow.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("agriclip_jax.commands.demo", "run the whole pipeline offline on generated data (or yours)"),
+    "captions": ("agriclip_jax.commands.captions", "build an ALive-style captioned manifest from images + metadata"),
+    "data": ("agriclip_jax.commands.data", "inspect a data source through the real input pipeline"),
+    "train": ("agriclip_jax.commands.train", "train a stage (contrastive, dino, joint) from an ml_collections config"),
+    "embed": ("agriclip_jax.commands.embed", "compute image/text embeddings of a model into an .npz"),
+    "align": ("agriclip_jax.commands.align", "fit the linear DINO -> CLIP aligner"),
+    "zeroshot": ("agriclip_jax.commands.zeroshot", "zero-shot classification on downstream tasks"),
+    "report": ("agriclip_jax.commands.report", "markdown tables and PNG plots from zero-shot results"),
+    "convert": ("agriclip_jax.commands.convert", "convert weights between flax, HF, open_clip and DINO layouts"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="agriclip",
+      description="AgriCLIP in JAX/Flax: train, align, evaluate and port vision-language models.")
+  sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+  for name, (_, help_text) in SUBCOMMANDS.items():
+    sub.add_parser(name, help=help_text, add_help=False)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = _build_parser()
+  if not argv or argv[0] in ("-h", "--help"):
+    parser.print_help()
+    return 0
+  name = argv[0]
+  if name not in SUBCOMMANDS:
+    parser.error(f"unknown subcommand {name!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+  module_name, help_text = SUBCOMMANDS[name]
+  module = importlib.import_module(module_name)
+  sub_parser = argparse.ArgumentParser(prog=f"agriclip {name}", description=help_text)
+  module.add_arguments(sub_parser)
+  args = sub_parser.parse_args(argv[1:])
+  return int(module.run(args) or 0)

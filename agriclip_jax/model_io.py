@@ -1,0 +1,238 @@
+"""Model directories: config.json + model.safetensors (+ tokenizer files), written atomically.
+
+Every subcommand accepts such a directory as `--model DIR`. Params are stored flattened with
+'/'-joined names, exactly as Flax nests them, so a directory is readable without this package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Model types: how to rebuild the module and the shapes of its params from a config dict.
+# ---------------------------------------------------------------------------------------------
+
+def _clip_builder(config: Mapping[str, Any]):
+  from agriclip_jax.models.clip import CLIP
+  from agriclip_jax.models.configs import CLIPConfig
+  cfg = CLIPConfig.from_dict(config)
+  size = cfg.vision.image_size
+  inputs = (jnp.zeros((1, size, size, 3), jnp.float32),
+            jnp.zeros((1, cfg.text.context_length), jnp.int32))
+  return CLIP(cfg), inputs
+
+
+def _vit_builder(config: Mapping[str, Any]):
+  from agriclip_jax.models.configs import VisionConfig
+  from agriclip_jax.models.vit import VisionTransformer
+  cfg = VisionConfig.from_dict(config)
+  return VisionTransformer(cfg), (jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32),)
+
+
+# model_type -> builder(config dict) -> (flax module, example inputs for `init`).
+MODEL_BUILDERS: dict[str, Callable[[Mapping[str, Any]], tuple[Any, tuple]]] = {
+    "clip": _clip_builder,
+    "vit": _vit_builder,
+}
+
+
+def build_model(model_type: str, config: Mapping[str, Any]):
+  """Returns (module, example_inputs) for a model type and its config dict."""
+  if model_type not in MODEL_BUILDERS:
+    raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(sorted(MODEL_BUILDERS))}")
+  return MODEL_BUILDERS[model_type](config)
+
+
+def abstract_variables(model_type: str, config: Mapping[str, Any]) -> dict:
+  """Shapes and dtypes of all variables (params and e.g. batch_stats), without allocating."""
+  module, inputs = build_model(model_type, config)
+  return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))
+
+
+def init_variables(model_type: str, config: Mapping[str, Any], seed: int = 0) -> dict:
+  module, inputs = build_model(model_type, config)
+  return module.init(jax.random.PRNGKey(seed), *inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flattening and checking
+# ---------------------------------------------------------------------------------------------
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def check_tree_matches(expected: Mapping[str, Any], actual: Mapping[str, Any], source: str) -> None:
+  """Raises ValueError naming every missing key, unexpected key and shape mismatch.
+
+  `expected` and `actual` are nested or flat dicts of arrays / ShapeDtypeStructs.
+  """
+  want = flatten(expected) if _is_nested(expected) else dict(expected)
+  got = flatten(actual) if _is_nested(actual) else dict(actual)
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  mismatched = [f"{k}: expected {tuple(want[k].shape)}, got {tuple(np.shape(got[k]))}"
+                for k in sorted(set(want) & set(got)) if tuple(want[k].shape) != tuple(np.shape(got[k]))]
+  problems = []
+  if missing:
+    problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
+  if extra:
+    problems.append(f"unexpected keys ({len(extra)}): {_short(extra)}")
+  if mismatched:
+    problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
+  if problems:
+    raise ValueError(f"{source}: weights do not match the model: " + "; ".join(problems))
+
+
+def _is_nested(tree: Mapping[str, Any]) -> bool:
+  return any(isinstance(v, Mapping) for v in tree.values())
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+  shown = ", ".join(items[:limit])
+  return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+def atomic_directory(final: Path, write: Callable[[Path], None]) -> Path:
+  """Writes a directory under a temporary name beside `final`, then swaps it in.
+
+  A failure while writing leaves `final` as it was (absent or the previous version).
+  """
+  final = Path(final)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+  try:
+    write(tmp)
+    if final.exists():
+      old = final.with_name(f".{final.name}.old-{os.getpid()}")
+      os.replace(final, old)
+      os.replace(tmp, final)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, final)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return final
+
+
+def atomic_file(final: Path, write: Callable[[Path], None]) -> Path:
+  """Writes a file under a temporary name in the same folder, then renames it into place."""
+  final = Path(final)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+  os.close(fd)
+  tmp = Path(tmp_name)
+  try:
+    write(tmp)
+    os.replace(tmp, final)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Save and load
+# ---------------------------------------------------------------------------------------------
+
+def save_model_dir(path: str | Path, model_type: str, config: Mapping[str, Any],
+                   variables: Mapping[str, Any], tokenizer_dir: str | Path | None = None,
+                   extra: Mapping[str, Any] | None = None) -> Path:
+  """Saves a model directory. `variables` is {"params": ..., optionally "batch_stats": ...}."""
+  from safetensors.numpy import save_file
+
+  build_model(model_type, config)  # validates the type and the config before anything is written
+  flat = {k: _host_array(v) for k, v in flatten(variables).items()}
+  meta = {"format_version": FORMAT_VERSION, "model_type": model_type, "config": dict(config)}
+  if extra:
+    meta.update(extra)
+
+  def write(tmp: Path) -> None:
+    save_file(flat, str(tmp / WEIGHTS_FILE), metadata={"format": "agriclip-flax"})
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if tokenizer_dir is not None:
+      copied = 0
+      for name in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.is_file():
+          shutil.copyfile(src, tmp / name)
+          copied += 1
+      if not copied:
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
+
+  return atomic_directory(Path(path), write)
+
+
+def _host_array(value: Any) -> np.ndarray:
+  """A C-contiguous host copy; floating params are stored as fp32 whatever the compute dtype."""
+  array = np.asarray(jax.device_get(value))
+  if np.issubdtype(array.dtype, np.floating):
+    array = array.astype(np.float32)
+  return np.array(array, order="C")  # np.ascontiguousarray would turn 0-d scalars into 1-d
+
+
+def read_config(path: str | Path) -> dict:
+  path = Path(path)
+  config_path = path / CONFIG_FILE
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{path} is not a model directory: {CONFIG_FILE} not found")
+  try:
+    meta = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  for key in ("model_type", "config"):
+    if key not in meta:
+      raise ValueError(f"{config_path}: missing key {key!r}")
+  return meta
+
+
+def load_model_dir(path: str | Path) -> tuple[str, dict, dict]:
+  """Loads (model_type, config dict, variables) and checks the weights against the config."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  path = Path(path)
+  meta = read_config(path)
+  weights_path = path / WEIGHTS_FILE
+  if not weights_path.is_file():
+    raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} not found")
+  try:
+    flat = load_file(str(weights_path))
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ValueError(f"{weights_path}: cannot read safetensors file ({e}); it may be truncated "
+                     f"or corrupted") from e
+  expected = abstract_variables(meta["model_type"], meta["config"])
+  check_tree_matches(expected, flat, str(weights_path))
+  variables = unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  return meta["model_type"], meta["config"], variables
+
+
+def has_tokenizer(path: str | Path) -> bool:
+  path = Path(path)
+  return (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
