@@ -1,0 +1,1 @@
+"""Benchmarks of agriclip-jax. Run all with `python -m benchmarks [--quick] [--only NAME ...]`."""
