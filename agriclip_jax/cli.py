@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Order is the order of the data flow.
@@ -50,4 +51,13 @@ def main(argv: list[str] | None = None) -> int:
   sub_parser = argparse.ArgumentParser(prog=f"agriclip {name}", description=help_text)
   module.add_arguments(sub_parser)
   args = sub_parser.parse_args(argv[1:])
-  return int(module.run(args) or 0)
+  try:
+    return int(module.run(args) or 0)
+  except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+    # Bad input is the user's to fix: one line naming the problem, not a traceback. Set
+    # AGRICLIP_DEBUG=1 to see where it came from.
+    if os.environ.get("AGRICLIP_DEBUG"):
+      raise
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"agriclip {name}: error: {message}", file=sys.stderr)
+    return 2

@@ -46,10 +46,35 @@ def _vit_builder(config: Mapping[str, Any]):
   return VisionTransformer(cfg), (jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32),)
 
 
+def _resnet_builder(config: Mapping[str, Any]):
+  from agriclip_jax.models.resnet import ResNet, ResNetConfig, example_inputs
+  cfg = ResNetConfig.from_dict(config)
+  return ResNet(cfg), example_inputs(cfg)
+
+
+def _dino_builder(config: Mapping[str, Any]):
+  from agriclip_jax.models.dino import DINO, DINOConfig
+  cfg = DINOConfig.from_dict(config)
+  size = cfg.backbone.image_size
+  return DINO(cfg), (jnp.zeros((1, size, size, 3), jnp.float32),)
+
+
+def _linear_aligner_builder(config: Mapping[str, Any]):
+  import flax.linen as nn
+  unknown = set(config) - {"in_dim", "out_dim"}
+  if unknown or not {"in_dim", "out_dim"} <= set(config):
+    raise ValueError(f"linear_aligner config needs exactly in_dim and out_dim; got {sorted(config)}")
+  # params: kernel [in, out] (the reference's W transposed) and bias [out].
+  return nn.Dense(int(config["out_dim"])), (jnp.zeros((1, int(config["in_dim"])), jnp.float32),)
+
+
 # model_type -> builder(config dict) -> (flax module, example inputs for `init`).
 MODEL_BUILDERS: dict[str, Callable[[Mapping[str, Any]], tuple[Any, tuple]]] = {
     "clip": _clip_builder,
     "vit": _vit_builder,
+    "resnet": _resnet_builder,
+    "dino": _dino_builder,
+    "linear_aligner": _linear_aligner_builder,
 }
 
 
@@ -68,7 +93,8 @@ def abstract_variables(model_type: str, config: Mapping[str, Any]) -> dict:
 
 def init_variables(model_type: str, config: Mapping[str, Any], seed: int = 0) -> dict:
   module, inputs = build_model(model_type, config)
-  return module.init(jax.random.PRNGKey(seed), *inputs)
+  # Jitted: running init op by op costs tens of seconds even for tiny models.
+  return jax.jit(module.init)(jax.random.PRNGKey(seed), *inputs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+
 Record = dict[str, Any]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "avif")
@@ -462,6 +464,14 @@ def _text(value: Any) -> str:
   return _decode_text(value) if isinstance(value, bytes) else str(value)
 
 
+def _encode_png(pixels: np.ndarray) -> bytes:
+  """Lossless re-encoding, so decoded TFDS images take the same checked decode path as files."""
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
 class TfdsSource:
   """A prepared TFDS dataset in ArrayRecord format, e.g. one made by `input_pipeline.tfds_builder`.
 
@@ -498,6 +508,8 @@ class TfdsSource:
     has_image = bool(item.get("has_image", True))
     image = item.get(self.image_feature)
     error = _text(item.get("error", b"")) or None
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+      image = _encode_png(image)  # standard TFDS image features arrive decoded
     return make_record(image_bytes=bytes(image) if has_image and image is not None else None,
                        path=_text(item.get("path", where)), captions=captions, label=label,
                        key=_text(item.get("key", where)), error=error)

@@ -6,6 +6,7 @@ import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from input_pipeline import sources, tfds_builder, writers
@@ -172,3 +173,16 @@ def test_sources_pickle_for_worker_processes(corn_formats):
     source = sources.open_source(spec, **options)
     clone = pickle.loads(pickle.dumps(source))
     assert _signature(clone)[:5] == _signature(source)[:5]
+
+
+def test_tfds_decoded_image_arrays_become_lossless_bytes():
+  """Standard TFDS image features arrive as uint8 arrays; they must decode to the same pixels."""
+  from input_pipeline import transforms
+  pixels = np.random.default_rng(0).integers(0, 256, size=(12, 9, 3), dtype=np.uint8)
+  source = object.__new__(sources.TfdsSource)  # the item list stands in for tfds.data_source
+  source.name, source.split, source.data_dir = "beans", "test", None
+  source.image_feature, source.captions_for_label = "image", None
+  source._source = [{"image": pixels, "label": np.int64(2)}]
+  record = source[0]
+  assert record["label"] == 2 and record["key"] == "tfds:beans:test[0]"
+  np.testing.assert_array_equal(transforms.decode_image(record["image_bytes"]), pixels)

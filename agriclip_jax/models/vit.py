@@ -5,23 +5,54 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from agriclip_jax.models.configs import VisionConfig
 from agriclip_jax.models.transformer import Transformer
 
 
-def interpolate_positions(positions: jax.Array, grid_size: int) -> jax.Array:
+def _cubic_weight(distance: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys' cubic convolution kernel with a = -0.75, the one PyTorch's bicubic mode uses."""
+  x = np.abs(distance)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_matrix(in_size: int, out_size: int, scale: float | None = None) -> np.ndarray:
+  """[out, in] matrix of PyTorch's 1-D bicubic interpolation (align_corners=False).
+
+  `scale` is the output/input scale factor used to map coordinates; by default out/in, as when
+  PyTorch is given a `size`. Border taps are clamped as PyTorch does.
+  """
+  scale = out_size / in_size if scale is None else scale
+  source = (np.arange(out_size) + 0.5) / scale - 0.5
+  base = np.floor(source)
+  frac = source - base
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for offset in (-1, 0, 1, 2):
+    index = np.clip(base + offset, 0, in_size - 1).astype(int)
+    np.add.at(matrix, (np.arange(out_size), index), _cubic_weight(frac - offset))
+  return matrix
+
+
+def interpolate_positions(positions: jax.Array, grid_size: int, flavour: str = "clip") -> jax.Array:
   """Resizes [1 + g*g, D] position embeddings to a grid of `grid_size` (bicubic), class slot kept.
 
-  Used when a model runs at another image size than it was built for (DINO evaluates this way).
+  Used when a model runs at another image size than it was built for. The numerics follow the
+  PyTorch originals so ported models give the same features: open_clip resizes to the target
+  size; DINO scales by (grid + 0.1) / g, which shifts the sampling positions slightly.
   """
   old_grid = int(round((positions.shape[0] - 1) ** 0.5))
   if old_grid == grid_size:
     return positions
+  scale = (grid_size + 0.1) / old_grid if flavour == "dino" else None
+  resize = jnp.asarray(bicubic_matrix(old_grid, grid_size, scale), positions.dtype)
   cls_pos, patch_pos = positions[:1], positions[1:]
   width = positions.shape[-1]
   patch_pos = patch_pos.reshape(old_grid, old_grid, width)
-  patch_pos = jax.image.resize(patch_pos, (grid_size, grid_size, width), method="bicubic")
+  patch_pos = jnp.einsum("ai,bj,ijd->abd", resize, resize, patch_pos,
+                         precision=jax.lax.Precision.HIGHEST)
   return jnp.concatenate([cls_pos, patch_pos.reshape(grid_size * grid_size, width)], axis=0)
 
 
@@ -51,7 +82,7 @@ class VisionTransformer(nn.Module):
     x = x.reshape(batch, -1, cfg.width)
     class_embedding = self.param("class_embedding", token_init, (cfg.width,))
     positions = self.param("positional_embedding", token_init, (cfg.grid_size ** 2 + 1, cfg.width))
-    positions = interpolate_positions(positions, height // cfg.patch_size)
+    positions = interpolate_positions(positions, height // cfg.patch_size, cfg.flavour)
     cls_tokens = jnp.broadcast_to(class_embedding.astype(dtype), (batch, 1, cfg.width))
     x = jnp.concatenate([cls_tokens, x], axis=1) + positions.astype(dtype)
     if cfg.ln_pre:

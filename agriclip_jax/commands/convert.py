@@ -1,0 +1,46 @@
+"""`agriclip convert`: port weights between our Flax model directories and PyTorch layouts.
+
+  agriclip convert --src openai_vitb16.pt --src-format openclip --model-name ViT-B-16-quickgelu \
+                   --dst models/clip --dst-format flax
+  agriclip convert --src models/clip --src-format flax --dst hf_clip --dst-format hf
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from agriclip_jax.convert import registry
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  readers, writers = registry.format_tables()
+  parser.add_argument("--src", required=True, help="source file or directory")
+  parser.add_argument("--src-format", required=True,
+                      help=f"format of --src: {', '.join(sorted(readers))}")
+  parser.add_argument("--dst", required=True, help="destination file or directory")
+  parser.add_argument("--dst-format", required=True,
+                      help=f"format of --dst: {', '.join(sorted(writers))}")
+  parser.add_argument("--model-name", default=None,
+                      help="open_clip model name for openclip sources, e.g. ViT-B-16 (exact GELU) or "
+                           "ViT-B-16-quickgelu (OpenAI weights); decides activation and heads")
+  parser.add_argument("--tokenizer", default=None,
+                      help="tokenizer for sources without one: OpenAI's bpe_simple_vocab_16e6.txt.gz "
+                           "or an HF tokenizer directory (default: the copy in an installed "
+                           "open_clip_torch package)")
+  parser.add_argument("--allow-torchscript", action="store_true",
+                      help="allow loading OpenAI's TorchScript archives (runs torch.jit.load)")
+
+
+def run(args: argparse.Namespace) -> int:
+  options = {"model_name": args.model_name, "tokenizer": args.tokenizer,
+             "allow_torchscript": args.allow_torchscript}
+  model = registry.convert(args.src, args.src_format, args.dst, args.dst_format, options)
+  print(f"converted {args.src} ({args.src_format}) -> {args.dst} ({args.dst_format}): "
+        f"model_type {model.model_type}")
+  if args.dst_format == "openclip" and model.model_type == "clip":
+    from agriclip_jax.convert.clip_formats import openclip_model_name
+    from agriclip_jax.models.configs import CLIPConfig
+    name = openclip_model_name(CLIPConfig.from_dict(model.config))
+    if name is not None:
+      print(f"load it with open_clip.create_model({name!r}) and load_state_dict(..., strict=True)")
+  return 0

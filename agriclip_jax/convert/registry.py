@@ -1,0 +1,104 @@
+"""The table of weight formats for `agriclip convert`.
+
+A format has a reader `(src: Path, options: dict) -> ConvertedModel` and/or a writer
+`(model: ConvertedModel, dst: Path, options: dict) -> None`. The table is assembled explicitly from
+the modules that define formats (no registration by import side effects): `flax` here,
+`hf`/`openclip` in `clip_formats`, and the DINO formats in `agriclip_jax.convert.dino` when that
+module exists. Format names are part of the command line that scripts rely on: keep them stable.
+
+Options every reader/writer may receive: `model_name`, `tokenizer`, `allow_torchscript`, and
+`scratch_dir` (a temporary directory that lives for one conversion, for materialised tokenizer files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from agriclip_jax import model_io
+
+
+@dataclasses.dataclass
+class ConvertedModel:
+  """A model between formats: what `model_io.save_model_dir` writes, plus where its tokenizer is."""
+  model_type: str
+  config: dict
+  variables: dict
+  tokenizer_dir: Path | None = None
+
+
+Reader = Callable[[Path, Mapping[str, Any]], ConvertedModel]
+Writer = Callable[[ConvertedModel, Path, Mapping[str, Any]], None]
+
+# Model types whose directories must carry tokenizer files (they have a text tower).
+TYPES_WITH_TEXT = ("clip",)
+
+
+def read_flax(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
+  """Our model directory (config.json + model.safetensors [+ tokenizer files]), any model type."""
+  del options
+  model_type, config, variables = model_io.load_model_dir(src)
+  tokenizer_dir = Path(src) if model_io.has_tokenizer(src) else None
+  return ConvertedModel(model_type, config, variables, tokenizer_dir)
+
+
+def write_flax(model: ConvertedModel, dst: Path, options: Mapping[str, Any]) -> None:
+  del options
+  if model.model_type in TYPES_WITH_TEXT and model.tokenizer_dir is None:
+    raise ValueError(f"a {model.model_type!r} model directory must carry its tokenizer files; pass "
+                     f"--tokenizer PATH (a bpe_simple_vocab_16e6.txt.gz or an HF tokenizer directory)")
+  model_io.save_model_dir(dst, model.model_type, model.config, model.variables, model.tokenizer_dir)
+
+
+def _merge(into: dict[str, Any], table: Mapping[str, Any], origin: str, kind: str) -> None:
+  for name, function in table.items():
+    if name in into:
+      raise ValueError(f"{kind} format {name!r} is defined twice (again in {origin})")
+    into[name] = function
+
+
+def format_tables() -> tuple[dict[str, Reader], dict[str, Writer]]:
+  """(readers, writers) by format name, from every module that defines formats."""
+  from agriclip_jax.convert import clip_formats
+
+  readers: dict[str, Reader] = {"flax": read_flax}
+  writers: dict[str, Writer] = {"flax": write_flax}
+  modules = [clip_formats]
+  if importlib.util.find_spec("agriclip_jax.convert.dino") is not None:
+    modules.append(importlib.import_module("agriclip_jax.convert.dino"))
+  for module in modules:
+    _merge(readers, getattr(module, "READERS", {}), module.__name__, "source")
+    _merge(writers, getattr(module, "WRITERS", {}), module.__name__, "destination")
+  return readers, writers
+
+
+def get_reader(name: str) -> Reader:
+  readers, _ = format_tables()
+  if name not in readers:
+    raise ValueError(f"unknown source format {name!r}; known source formats: {', '.join(sorted(readers))}")
+  return readers[name]
+
+
+def get_writer(name: str) -> Writer:
+  _, writers = format_tables()
+  if name not in writers:
+    raise ValueError(f"unknown destination format {name!r}; known destination formats: "
+                     f"{', '.join(sorted(writers))}")
+  return writers[name]
+
+
+def convert(src: str | Path, src_format: str, dst: str | Path, dst_format: str,
+            options: Mapping[str, Any] | None = None) -> ConvertedModel:
+  """Reads `src` in one format and writes `dst` in another; returns the model in between."""
+  reader, writer = get_reader(src_format), get_writer(dst_format)
+  with tempfile.TemporaryDirectory(prefix="agriclip-convert-") as scratch:
+    opts = {**(options or {}), "scratch_dir": Path(scratch)}
+    model = reader(Path(src), opts)
+    writer(model, Path(dst), opts)
+    if model.tokenizer_dir is not None and Path(scratch) in Path(model.tokenizer_dir).parents:
+      model.tokenizer_dir = None  # the scratch copy is about to go; `dst` holds the files now
+  return model

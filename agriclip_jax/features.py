@@ -1,0 +1,414 @@
+"""Batched, device-sharded feature extraction with a progress bar and a disk cache.
+
+The core works on plain callables so that it serves every model:
+- an `ImageEncoder` is a name, a fingerprint (what the cache key is made of), a `view` (decoded
+  uint8 image -> float32 [H, W, 3] model input) and an `apply` (a jittable [B, H, W, 3] -> [B, D]);
+- `encode_source` decodes each record of a data source once, builds every encoder's view from it,
+  and runs the encoders on fixed-size batches split over the devices along a "data" mesh axis (the
+  last batch is padded, so each encoder compiles once); records that cannot be decoded are skipped,
+  counted by reason and reported, never dropped silently;
+- `FeatureCache` stores [N, D] features with the indices they belong to, keyed by a hash of the model
+  fingerprint, the data fingerprint and the view, so a rerun reads them back instead of recomputing.
+
+`clip_model_encoders` / `dino_model_encoder` build encoders from model directories
+(`agriclip_jax.model_io`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints and the cache
+# ----------------------------------------------------------------------------------------------
+
+def fingerprint(*parts: Any) -> str:
+  """A short stable hash of JSON-able parts (strings, numbers, lists, dicts)."""
+  text = json.dumps(parts, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def fingerprint_arrays(tree: Any) -> str:
+  """Hash of every array's name, dtype, shape and bytes (for params held in memory)."""
+  import jax
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in leaves:
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()[:20]
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+  """A file or directory by the names, sizes and modification times of its files (no reading):
+  cheap for big weight files and image folders, and it changes whenever one of them is rewritten."""
+  root = Path(path).resolve()
+  if root.is_file():
+    stat = root.stat()
+    return fingerprint(str(root), stat.st_size, stat.st_mtime_ns)
+  if not root.is_dir():
+    raise FileNotFoundError(f"cannot fingerprint {root}: not a file or directory")
+  entries = []
+  for directory, _, files in sorted(os.walk(root)):
+    for name in sorted(files):
+      stat = os.stat(os.path.join(directory, name))
+      entries.append((os.path.relpath(os.path.join(directory, name), root), stat.st_size, stat.st_mtime_ns))
+  return fingerprint(str(root), entries)
+
+
+def data_fingerprint(spec: str | os.PathLike, num_records: int) -> str:
+  """A data source by its files (local paths) or by its spec and size (tfds:NAME[:SPLIT])."""
+  text = str(spec)
+  if not text.startswith("tfds:") and Path(text).exists():
+    return fingerprint_path(text)
+  return fingerprint(text, num_records)
+
+
+def record_keys(source) -> list[str]:
+  """Every record's key (the storage-independent identity the evaluation split hashes).
+
+  Uses the source's `keys()` when it has one; otherwise reads the records (which reads the bytes).
+  """
+  if callable(getattr(source, "keys", None)):
+    return list(source.keys())
+  return [str(source[i]["key"]) for i in range(len(source))]
+
+
+class FeatureCache:
+  """`root/<key>.npz` with arrays "features" [N, D], "indices" [N] (source indices) and "labels"
+  [N], plus `<key>.json` metadata."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = Path(root)
+
+  @staticmethod
+  def key(model_fingerprint: str, data_fingerprint: str, view: str) -> str:
+    return fingerprint(CACHE_FORMAT, model_fingerprint, data_fingerprint, view)
+
+  def _path(self, key: str) -> Path:
+    return self.root / f"{key}.npz"
+
+  def get(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    path = self._path(key)
+    if not path.is_file():
+      return None
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        return data["features"], data["indices"], data["labels"]
+    except (OSError, ValueError, KeyError) as e:
+      raise ValueError(f"feature cache file {path} is unreadable ({e}); delete it to recompute") from e
+
+  def put(self, key: str, features: np.ndarray, indices: np.ndarray, labels: np.ndarray,
+          metadata: dict[str, Any] | None = None) -> Path:
+    self.root.mkdir(parents=True, exist_ok=True)
+    path = self._path(key)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+      np.savez(f, features=features, indices=indices, labels=labels)
+    os.replace(tmp, path)
+    meta = {"rows": int(features.shape[0]), "dim": int(features.shape[1]), **(metadata or {})}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-sharded batched application
+# ----------------------------------------------------------------------------------------------
+
+def data_mesh(devices: Sequence[Any] | None = None):
+  import jax
+  from jax.sharding import Mesh
+  devices = list(devices if devices is not None else jax.devices())
+  return Mesh(np.array(devices), ("data",))
+
+
+def round_batch_size(batch_size: int, mesh) -> int:
+  """The batch is split over the mesh's devices, so it must be a multiple of their number."""
+  count = mesh.devices.size
+  return max(count, -(-batch_size // count) * count)
+
+
+class ShardedApply:
+  """Runs `apply` on fixed-size batches placed across the mesh; pads the last batch.
+
+  With `params`, `apply(params, batch)` gets the params as an argument replicated on every device
+  (closing over big weights would bake them into the compiled program as constants).
+  """
+
+  def __init__(self, apply: Callable[..., Any], batch_size: int, mesh=None, params: Any = None):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    self.mesh = mesh if mesh is not None else data_mesh()
+    self.batch_size = round_batch_size(batch_size, self.mesh)
+    self.sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+    if params is None:
+      self.params = None
+      self._apply = jax.jit(apply, in_shardings=self.sharding)
+    else:
+      replicated = NamedSharding(self.mesh, PartitionSpec())
+      self.params = jax.device_put(params, replicated)
+      self._apply = jax.jit(apply, in_shardings=(replicated, self.sharding))
+
+  def __call__(self, batch: np.ndarray) -> np.ndarray:
+    import jax
+    rows = batch.shape[0]
+    if rows > self.batch_size:
+      raise ValueError(f"batch of {rows} rows exceeds the batch size {self.batch_size}")
+    if rows < self.batch_size:  # pad with copies of row 0: same shapes -> no recompilation
+      batch = np.concatenate([batch, np.repeat(batch[:1], self.batch_size - rows, axis=0)])
+    placed = jax.device_put(batch, self.sharding)
+    out = self._apply(placed) if self.params is None else self._apply(self.params, placed)
+    return np.asarray(jax.device_get(out), np.float32)[:rows]
+
+
+def apply_in_batches(apply: Callable[..., Any], inputs: np.ndarray, batch_size: int = 256,
+                     mesh=None, desc: str | None = None, params: Any = None) -> np.ndarray:
+  """[N, ...] -> [N, D] through `apply`, batched and sharded, with a progress bar."""
+  from tqdm import tqdm
+  runner = ShardedApply(apply, batch_size, mesh, params)
+  outputs = []
+  with tqdm(total=len(inputs), desc=desc, unit="item", disable=desc is None) as bar:
+    for start in range(0, len(inputs), runner.batch_size):
+      outputs.append(runner(np.asarray(inputs[start:start + runner.batch_size])))
+      bar.update(len(outputs[-1]))
+  return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def encode_texts(texts: Sequence[str], tokenize: Callable[[list[str]], np.ndarray],
+                 apply: Callable[..., Any], batch_size: int = 256, mesh=None,
+                 params: Any = None) -> np.ndarray:
+  """Texts -> [N, D]: tokenised on the host, encoded in sharded batches."""
+  tokens = np.asarray(tokenize(list(texts)), np.int32)
+  return apply_in_batches(apply, tokens, batch_size, mesh, params=params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images of a data source through one or more encoders
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoder:
+  name: str          # e.g. "clip_image", "dino"
+  fingerprint: str   # model identity for the cache
+  view: Callable[[np.ndarray], np.ndarray]  # uint8 [H, W, 3] -> float32 [S, S, 3]
+  view_name: str     # identity of the view for the cache, e.g. "shortest224/clip"
+  apply: Callable[..., Any]  # jittable [B, S, S, 3] -> [B, D], or (params, batch) -> [B, D]
+  params: Any = None  # passed to apply as its first argument when given
+
+
+def standard_view(size: int, normalisation: str) -> Callable[[np.ndarray], np.ndarray]:
+  """The evaluation view: resize the shorter side, centre crop, normalise."""
+  from input_pipeline import transforms
+
+  def view(image: np.ndarray) -> np.ndarray:
+    return transforms.normalise(transforms.eval_view(image, size, "shortest"), normalisation)
+  return view
+
+
+def _decode_record(record: dict[str, Any]) -> tuple[np.ndarray | str, int]:
+  """(uint8 image or the reason it cannot be used, label)."""
+  from input_pipeline import transforms
+  label = int(record.get("label", -1))
+  if record.get("error"):
+    return str(record["error"]), label
+  try:
+    return transforms.decode_image(record.get("image_bytes")), label
+  except transforms.BadRecord as bad:
+    return bad.reason, label
+
+
+@dataclasses.dataclass
+class EncodedImages:
+  features: dict[str, np.ndarray]  # encoder name -> [K, D]
+  indices: np.ndarray              # [K] source indices that were encoded (same for every encoder)
+  labels: np.ndarray               # [K] their labels (-1 where the source has none)
+  skipped: dict[str, int]          # reason -> count of records that could not be decoded
+
+
+def _iter_decoded(source, indices: Sequence[int], workers: int) -> Iterator[tuple[int, Any]]:
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    # Threads: PIL decodes and resizes outside the GIL; map keeps the order.
+    yield from zip(indices, pool.map(lambda i: _decode_record(source[int(i)]), indices))
+
+
+def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncoder],
+                  batch_size: int = 128, mesh=None, cache: FeatureCache | None = None,
+                  data_fingerprint: str | None = None, desc: str = "images",
+                  workers: int | None = None) -> EncodedImages:
+  """Features of `source[i]` for i in `indices` under every encoder (one decode per image)."""
+  from tqdm import tqdm
+  indices = np.asarray(indices, np.int64)
+  if cache is not None and data_fingerprint is None:
+    raise ValueError("a feature cache needs a data fingerprint")
+  keys = {e.name: FeatureCache.key(e.fingerprint, fingerprint(data_fingerprint, indices.tolist()),
+                                   e.view_name) for e in encoders} if cache is not None else {}
+  features: dict[str, np.ndarray] = {}
+  cached_indices = cached_labels = None
+  for encoder in encoders:
+    hit = cache.get(keys[encoder.name]) if cache is not None else None
+    if hit is not None:
+      features[encoder.name], cached_indices, cached_labels = hit
+  pending = [e for e in encoders if e.name not in features]
+  if not pending:
+    return EncodedImages(features, cached_indices, cached_labels, {})
+
+  runners = {e.name: ShardedApply(e.apply, batch_size, mesh, e.params) for e in pending}
+  step = min(r.batch_size for r in runners.values())
+  outputs: dict[str, list[np.ndarray]] = {e.name: [] for e in pending}
+  kept: list[int] = []
+  labels: list[int] = []
+  skipped: Counter = Counter()
+  views: dict[str, list[np.ndarray]] = {e.name: [] for e in pending}
+
+  def flush():
+    for e in pending:
+      if views[e.name]:
+        outputs[e.name].append(runners[e.name](np.stack(views[e.name])))
+        views[e.name] = []
+
+  with tqdm(total=len(indices), desc=desc, unit="img") as bar:
+    for index, (decoded, label) in _iter_decoded(source, indices, workers or min(8, os.cpu_count() or 1)):
+      bar.update(1)
+      if isinstance(decoded, str):
+        skipped[decoded] += 1
+        continue
+      kept.append(int(index))
+      labels.append(label)
+      for e in pending:
+        views[e.name].append(e.view(decoded))
+      if len(kept) % step == 0:
+        flush()
+    flush()
+  kept_indices = np.asarray(kept, np.int64)
+  if cached_indices is not None and not np.array_equal(cached_indices, kept_indices):
+    raise ValueError("cached features cover other images than the ones decoded now; "
+                     f"clear the cache at {cache.root}")
+  for e in pending:
+    features[e.name] = (np.concatenate(outputs[e.name]) if outputs[e.name]
+                        else np.zeros((0, 0), np.float32))
+    if cache is not None:
+      cache.put(keys[e.name], features[e.name], kept_indices, np.asarray(labels, np.int64),
+                {"encoder": e.name, "view": e.view_name, "skipped": dict(skipped)})
+  if skipped:
+    print(f"[features] {desc}: skipped {sum(skipped.values())} of {len(indices)} records that could "
+          f"not be decoded: {dict(skipped)}")
+  return EncodedImages(features, kept_indices, np.asarray(labels, np.int64), dict(skipped))
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders from model directories
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ClipEncoders:
+  image: ImageEncoder
+  encode_text: Callable[[list[str]], np.ndarray]  # texts -> unnormalised text embeddings [N, E]
+  logit_scale: float
+
+
+def clip_model_encoders(model_dir: str | os.PathLike, batch_size: int = 256, mesh=None) -> ClipEncoders:
+  """CLIP image + text encoders from a model directory (model_type "clip" with tokenizer files)."""
+  from agriclip_jax import model_io, tokenizer
+  model_type, config, variables = model_io.load_model_dir(model_dir)
+  if model_type != "clip":
+    raise ValueError(f"{model_dir}: expected a CLIP model directory, found model_type {model_type!r}")
+  if not model_io.has_tokenizer(model_dir):
+    raise FileNotFoundError(f"{model_dir}: no tokenizer files (vocab.json + merges.txt)")
+  module, _ = model_io.build_model(model_type, config)
+  tok = tokenizer.load_tokenizer(model_dir)
+  context_length = int(config["text"]["context_length"])
+  size = int(config["vision"]["image_size"])
+  model_print = fingerprint_path(model_dir)
+
+  def apply_image(params, images):
+    return module.apply(params, images, method=type(module).encode_image)
+
+  def apply_text(params, tokens):
+    return module.apply(params, tokens, method=type(module).encode_text)
+
+  def encode_text(texts: list[str]) -> np.ndarray:
+    return encode_texts(texts, lambda t: tok.encode(t, context_length=context_length), apply_text,
+                        batch_size, mesh, params=variables)
+
+  image = ImageEncoder("clip_image", model_print, standard_view(size, "clip"), f"shortest{size}/clip",
+                       apply_image, variables)
+  log_scale = variables["params"].get("logit_scale") if "params" in variables else None
+  scale = float(np.exp(np.asarray(log_scale))) if log_scale is not None else 100.0
+  return ClipEncoders(image, encode_text, min(scale, 100.0))
+
+
+def load_dino_backbone(path: str | os.PathLike) -> tuple[str, dict, dict]:
+  """(model_type, config, variables) of a DINO backbone from a model directory or a PyTorch file:
+  a DINO ViT or torchvision ResNet state dict, or a DINO training checkpoint (its teacher)."""
+  from agriclip_jax import model_io
+  path = Path(path)
+  if path.is_dir():
+    return model_io.load_model_dir(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"DINO model not found: {path} (give a model directory or a .pth file)")
+  from agriclip_jax.convert import dino as dino_convert
+  data = dino_convert.load_torch_file(path) if path.suffix != ".safetensors" else None
+  if isinstance(data, dict) and ("teacher" in data or "student" in data):
+    model = dino_convert.read_dino_checkpoint(path, {"part": "backbone"})
+  else:
+    state = dino_convert.load_state_file(path)
+    kind = dino_convert.guess_architecture(dino_convert.strip_prefixes(state).keys())
+    if kind == "vit":
+      model = dino_convert.read_dino_vit(path, {})
+    elif kind == "resnet":
+      model = dino_convert.read_dino_rn50(path, {})
+    else:
+      raise ValueError(f"{path}: not a DINO backbone (looks like {kind!r}); expected a DINO ViT or "
+                       "ResNet state dict or a DINO training checkpoint")
+  return model.model_type, model.config, model.variables
+
+
+def dino_model_encoder(path: str | os.PathLike, image_size: int = 224) -> ImageEncoder:
+  """DINO backbone features: model type "vit" (DINO flavour: class token after the final norm),
+  "resnet" (globally pooled, 2048-d for ResNet-50) or "dino" (backbone + head: the backbone's
+  features); ImageNet normalisation, as DINO trains."""
+  from agriclip_jax import model_io
+  model_type, config, variables = load_dino_backbone(path)
+  if model_type not in ("vit", "resnet", "dino"):
+    raise ValueError(f"{path}: expected a DINO backbone (model_type 'vit', 'resnet' or 'dino'), "
+                     f"found {model_type!r}")
+  module, _ = model_io.build_model(model_type, config)
+  size_from = config.get("backbone", {}) if model_type == "dino" else config
+  size = int(size_from.get("image_size", image_size))
+
+  def apply(params, images):
+    if model_type == "dino":
+      return module.apply(params, images, method=type(module).features)
+    return module.apply(params, images)
+
+  return ImageEncoder("dino", fingerprint_path(path), standard_view(size, "imagenet"),
+                      f"shortest{size}/imagenet", apply, variables)
+
+
+def load_aligner_any(path: str | os.PathLike):
+  """The aligner from our files (.safetensors / .npz), the reference .pth, or a model directory of
+  type "linear_aligner" (a Dense layer: kernel = W.T)."""
+  from agriclip_jax import align, model_io
+  path = Path(path)
+  if path.is_dir():
+    model_type, _, variables = model_io.load_model_dir(path)
+    if model_type != "linear_aligner":
+      raise ValueError(f"{path}: expected an aligner, found model_type {model_type!r}")
+    params = variables["params"]
+    return align.LinearAligner(np.asarray(params["kernel"], np.float32).T.copy(),
+                               np.asarray(params["bias"], np.float32))
+  return align.load_aligner(path)

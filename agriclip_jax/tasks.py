@@ -1,0 +1,254 @@
+"""Downstream zero-shot tasks: names, class names, prompt templates, and suite files.
+
+`TASKS` is a plain dict filled right here (no registration side effects). Three kinds of task:
+- "reference": the AgriCLIP paper's downstream datasets, with the one template per dataset used by
+  the reference evaluation (`AgriCLIP_alignment/prompts.py` in umair1221/AgriCLIP, checked Nov 2026).
+  Their images are distributed by the authors as ImageFolder trees, so the class names come from the
+  folder names (sorted, as torchvision's ImageFolder does); we do not list them here because the
+  reference does not publish them. Datasets without a reference template fall back to 'a photo of {}'.
+- "tfds": agriculture datasets in TensorFlow Datasets, with the class names of their ClassLabel
+  feature (checked against the tensorflow-datasets 4.9.10 builders) and templates of ours.
+- "imagefolder": any ImageFolder tree given with a template (`imagefolder_task`).
+
+A suite file is JSON: {"tasks": [{"task": NAME, "data": PATH_OR_tfds:NAME, ...}, ...]}; see
+`load_suite` for the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from agriclip_jax.zeroshot import clean_class_name, validate_template
+
+FALLBACK_TEMPLATE = "a photo of {}"
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  templates: tuple[str, ...]
+  kind: str  # "reference" | "tfds" | "imagefolder" | "captioned" (retrieval only, no classes)
+  class_names: tuple[str, ...] | None = None  # label order; None = the ImageFolder's sub-folders
+  prompt_names: tuple[str, ...] | None = None  # what goes into the template, if not the cleaned name
+  tfds_name: str | None = None
+  split: str | None = None
+  note: str = ""
+
+
+def _reference(name: str, template: str) -> Task:
+  return Task(name, (template,), "reference",
+              note="template from the AgriCLIP reference; class names from the dataset's folders")
+
+
+# One template per dataset, exactly as in the reference's prompts.py.
+_REFERENCE_TASKS = [
+    _reference("Acquarium Fish", "a fish type of {} specie"),
+    _reference("Animal-2", "a photo with {}"),
+    _reference("Banana Deficiency", "a photo contain {} deficiency"),
+    _reference("Bean Lesion", "a photo contain {} leaf type"),
+    _reference("Chicken Fecus", "a photo contain {}"),
+    _reference("CID", "Image of cattle named {}"),
+    _reference("Citrus Fruits", "a photo of fruit contain {}"),
+    _reference("Citrus Leaves", "a photo contain {} symptoms"),
+    _reference("Cow Breed", "a photo contain {} cow"),
+    _reference("DeepFish", "a photo contain {} type under acquarium"),
+    _reference("Fish Freshness", "a type of fish named {}"),
+    _reference("Fish Species", "Image contain {} fish type"),
+    _reference("Fruits Diseases", "a photo contain {} leaf"),
+    _reference("Horse Breed", "a photo contain {}"),
+    _reference("Supermarket Fish", "a fish type with {}"),
+]
+
+_PLANT_VILLAGE_LABELS = (
+    "Apple___Apple_scab", "Apple___Black_rot", "Apple___Cedar_apple_rust", "Apple___healthy",
+    "Blueberry___healthy", "Cherry___healthy", "Cherry___Powdery_mildew",
+    "Corn___Cercospora_leaf_spot Gray_leaf_spot", "Corn___Common_rust", "Corn___healthy",
+    "Corn___Northern_Leaf_Blight", "Grape___Black_rot", "Grape___Esca_(Black_Measles)",
+    "Grape___healthy", "Grape___Leaf_blight_(Isariopsis_Leaf_Spot)",
+    "Orange___Haunglongbing_(Citrus_greening)", "Peach___Bacterial_spot", "Peach___healthy",
+    "Pepper,_bell___Bacterial_spot", "Pepper,_bell___healthy", "Potato___Early_blight",
+    "Potato___healthy", "Potato___Late_blight", "Raspberry___healthy", "Soybean___healthy",
+    "Squash___Powdery_mildew", "Strawberry___healthy", "Strawberry___Leaf_scorch",
+    "Tomato___Bacterial_spot", "Tomato___Early_blight", "Tomato___healthy", "Tomato___Late_blight",
+    "Tomato___Leaf_Mold", "Tomato___Septoria_leaf_spot",
+    "Tomato___Spider_mites Two-spotted_spider_mite", "Tomato___Target_Spot",
+    "Tomato___Tomato_mosaic_virus", "Tomato___Tomato_Yellow_Leaf_Curl_Virus")
+
+_PLANT_LEAVES_LABELS = (
+    "Mango (P0) healthy", "Arjun (P1) healthy", "Alstonia Scholaris (P2) healthy",
+    "Gauva (P3) healthy", "Jamun (P5) healthy", "Jatropha (P6) healthy",
+    "Pongamia Pinnata (P7) healthy", "Basil (P8) healthy", "Pomegranate (P9) healthy",
+    "Lemon (P10) healthy", "Chinar (P11) healthy", "Mango (P0) diseased", "Arjun (P1) diseased",
+    "Alstonia Scholaris (P2) diseased", "Gauva (P3) diseased", "Bael (P4) diseased",
+    "Jamun (P5) diseased", "Jatropha (P6) diseased", "Pongamia Pinnata (P7) diseased",
+    "Pomegranate (P9) diseased", "Lemon (P10) diseased", "Chinar (P11) diseased")
+
+_PLANTAE_K_LABELS = tuple(sorted((
+    "APPLE DISEASED", "APPLE HEALTHY", "APRICOT DISEASED", "APRICOT HEALTHY", "CHERRY DISEASED",
+    "CHERRY HEALTHY", "CRANBERRY DISEASED", "CRANBERRY HEALTHY", "GRAPES DISEASED", "GRAPES HEALTHY",
+    "PEACH DISEASED", "PEACH HEALTHY", "PEAR DISEASED", "PEAR HEALTHY", "WALNUT DISEASED",
+    "WALNUT HEALTHY")))
+
+_TFDS_TASKS = [
+    Task("beans", ("a photo of a bean leaf with {}.",), "tfds",
+         class_names=("angular_leaf_spot", "bean_rust", "healthy"),
+         prompt_names=("angular leaf spot", "bean rust", "no disease, healthy"),
+         tfds_name="beans", split="test"),
+    Task("cassava", ("a photo of a cassava leaf with {}.",), "tfds",
+         class_names=("cbb", "cbsd", "cgm", "cmd", "healthy"),
+         # The labels are abbreviations; CLIP needs the disease names they stand for.
+         prompt_names=("cassava bacterial blight", "cassava brown streak disease", "cassava green mite",
+                       "cassava mosaic disease", "no disease, healthy"),
+         tfds_name="cassava", split="test"),
+    Task("plant_village", ("a photo of a {} leaf.",), "tfds", class_names=_PLANT_VILLAGE_LABELS,
+         tfds_name="plant_village", split="train",
+         note="one split only; evaluate on the deterministic held-out part"),
+    Task("deep_weeds", ("a photo of {}, a weed.", "a photo of {} in a pasture."), "tfds",
+         class_names=("Chinee apple", "Lantana", "Parkinsonia", "Parthenium", "Prickly acacia",
+                      "Rubber vine", "Siam weed", "Snake weed", "Negative"),
+         prompt_names=("chinee apple", "lantana", "parkinsonia", "parthenium", "prickly acacia",
+                       "rubber vine", "siam weed", "snake weed", "native grass without weeds"),
+         tfds_name="deep_weeds", split="train",
+         note="class names from the DeepWeeds labels.csv (Species column, by Label id)"),
+    Task("plant_leaves", ("a photo of a {} leaf.",), "tfds", class_names=_PLANT_LEAVES_LABELS,
+         tfds_name="plant_leaves", split="train"),
+    Task("plantae_k", ("a photo of a {} leaf.",), "tfds", class_names=_PLANTAE_K_LABELS,
+         tfds_name="plantae_k", split="train"),
+    Task("citrus_leaves", ("a photo of a citrus leaf with {}.",), "tfds",
+         class_names=("Black spot", "canker", "greening", "healthy"),
+         prompt_names=("black spot", "citrus canker", "citrus greening", "no disease, healthy"),
+         tfds_name="citrus_leaves", split="train"),
+]
+
+TASKS: dict[str, Task] = {task.name: task for task in (*_REFERENCE_TASKS, *_TFDS_TASKS)}
+
+
+def _normalise_key(name: str) -> str:
+  return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+def get_task(name: str) -> Task:
+  """Looks a task up by name, ignoring case, spaces, '-' and '_'; unknown names list close ones."""
+  wanted = _normalise_key(name)
+  for task_name, task in TASKS.items():
+    if _normalise_key(task_name) == wanted:
+      return task
+  close = difflib.get_close_matches(name, list(TASKS), n=3, cutoff=0.5)
+  close += [t for t in TASKS if wanted and wanted in _normalise_key(t) and t not in close]
+  hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+  raise KeyError(f"unknown task {name!r}{hint} (known tasks: {', '.join(TASKS)}; or give an "
+                 f"ImageFolder with --data and a --template)")
+
+
+def prompt_names(task: Task, class_names: list[str] | tuple[str, ...]) -> list[str]:
+  if task.prompt_names is not None and tuple(class_names) == task.class_names:
+    return list(task.prompt_names)
+  return [clean_class_name(c) for c in class_names]
+
+
+def imagefolder_classes(root: str | os.PathLike) -> list[str]:
+  """Sorted class folder names of an ImageFolder tree; every class folder must hold an image."""
+  root = Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"ImageFolder root not found: {root}")
+  classes = sorted(entry.name for entry in root.iterdir()
+                   if entry.is_dir() and not entry.name.startswith("."))
+  if not classes:
+    raise ValueError(f"ImageFolder {root} has no class sub-folders")
+  for name in classes:
+    # Direct children only: that is what the ImageFolder source reads.
+    has_image = any(path.suffix.lower() in IMAGE_EXTENSIONS
+                    for path in (root / name).iterdir() if path.is_file())
+    if not has_image:
+      raise ValueError(f"class folder {root / name} holds no images (looked for {sorted(IMAGE_EXTENSIONS)})")
+  return classes
+
+
+def imagefolder_task(root: str | os.PathLike, templates: list[str] | tuple[str, ...] | str | None = None,
+                     name: str | None = None) -> Task:
+  """A task for any ImageFolder tree: class names from its folders, the given template(s)."""
+  if isinstance(templates, str):
+    templates = (templates,)
+  templates = tuple(validate_template(t) for t in (templates or (FALLBACK_TEMPLATE,)))
+  classes = tuple(imagefolder_classes(root))
+  return Task(name or Path(root).name, templates, "imagefolder", class_names=classes)
+
+
+def resolve_task(name: str | None, templates: list[str] | None = None, data: str | None = None) -> Task:
+  """Registry task (templates overridable), or an ImageFolder task when only a template is given."""
+  if name is not None:
+    task = get_task(name)
+    if templates:
+      task = dataclasses.replace(task, templates=tuple(validate_template(t) for t in templates))
+    return task
+  if data is None:
+    raise ValueError("give a task name, or an ImageFolder (--data) with a template")
+  return imagefolder_task(data, templates)
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteEntry:
+  task: Task
+  data: str | None  # ImageFolder path, or "tfds:NAME"; None for TFDS tasks (use the registry's name)
+  split: str | None = None
+  eval_fraction: float | None = None  # None: the whole data is evaluation data (a disjoint set)
+
+
+_SUITE_KEYS = {"task", "name", "data", "template", "templates", "split", "eval_fraction"}
+
+
+def load_suite(path: str | os.PathLike) -> list[SuiteEntry]:
+  """Reads a suite file: {"tasks": [{"task" | "name", "data", "template(s)", "split",
+  "eval_fraction"}]}. Relative data paths are relative to the suite file."""
+  path = Path(path)
+  try:
+    spec = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"suite file {path}: {e}") from e
+  entries = spec.get("tasks") if isinstance(spec, dict) else None
+  if not isinstance(entries, list) or not entries:
+    raise ValueError(f"suite file {path}: expected {{\"tasks\": [ ... ]}} with at least one task")
+  suite = []
+  for i, entry in enumerate(entries):
+    where = f"suite file {path}, task #{i}"
+    if not isinstance(entry, dict):
+      raise ValueError(f"{where}: expected an object, got {entry!r}")
+    unknown = set(entry) - _SUITE_KEYS
+    if unknown:
+      raise ValueError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(_SUITE_KEYS)})")
+    templates = entry.get("templates") or ([entry["template"]] if "template" in entry else None)
+    data = entry.get("data")
+    if data is not None and not str(data).startswith("tfds:") and not os.path.isabs(data):
+      data = str((path.parent / data).resolve())
+    try:
+      if "task" in entry:
+        task = resolve_task(entry["task"], templates)
+      else:
+        task = imagefolder_task(data, templates, name=entry.get("name")) if data else None
+        if task is None:
+          raise ValueError("needs 'task' (a registry name) or 'data' (an ImageFolder) with a template")
+    except (KeyError, ValueError, FileNotFoundError) as e:
+      raise type(e)(f"{where}: {e.args[0] if e.args else e}") from e
+    if task.kind != "tfds" and data is None:
+      raise ValueError(f"{where}: task {task.name!r} needs 'data' (the ImageFolder path)")
+    if data is not None and task.kind == "reference" and os.path.isdir(data):
+      try:
+        imagefolder_classes(data)  # an empty class folder is an error before any model loads
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    fraction = entry.get("eval_fraction")
+    suite.append(SuiteEntry(task, data, entry.get("split", task.split),
+                            None if fraction is None else float(fraction)))
+  return suite
+
+
+def task_summary(task: Task) -> dict[str, Any]:
+  return {"name": task.name, "kind": task.kind, "templates": list(task.templates),
+          "num_classes": None if task.class_names is None else len(task.class_names)}

@@ -1,0 +1,246 @@
+"""Zero-shot classification and retrieval from text prompts, on plain arrays.
+
+Class embeddings: every class name goes into every template, CLIP's text tower encodes the prompts,
+each embedding is L2-normalised, the template embeddings of a class are averaged and the average is
+renormalised (the usual template ensemble; with one template it is just that prompt's embedding).
+
+Three ways to score an image against the classes:
+- "clip":     the CLIP image embedding, normalised, cosine with the class embeddings;
+- "agriclip": the DINO features through the linear aligner, normalised, cosine (the AgriCLIP path);
+- "ensemble": weight * softmax(clip logits) + (1 - weight) * softmax(agriclip logits).
+Logits are `logit_scale * cosine` (CLIP's trained scale is ~100); the scale changes nothing for the
+first two methods and sets how peaked the probabilities of the ensemble are.
+
+Evaluation never runs on images used to train: `is_eval_item` splits a data set deterministically by
+a hash of each item's relative path, so the training side can exclude exactly the same items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+METHODS = ("clip", "agriclip", "ensemble")
+DEFAULT_LOGIT_SCALE = 100.0
+DEFAULT_EVAL_SALT = "agriclip-eval"
+
+
+# ----------------------------------------------------------------------------------------------
+# Class names and templates
+# ----------------------------------------------------------------------------------------------
+
+def clean_class_name(name: str) -> str:
+  """'Tomato___Early_blight' -> 'tomato early blight'; 'GrayLeafSpot' -> 'gray leaf spot'."""
+  import re
+  text = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)  # split camelCase
+  text = text.replace("_", " ")
+  text = re.sub(r"\s*,\s*", ", ", text)
+  return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def validate_template(template: str) -> str:
+  """A template must have exactly one '{}' slot (where the class name goes) and no other fields."""
+  try:
+    fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+  except ValueError as e:
+    raise ValueError(f"template {template!r} is not a valid format string: {e}") from e
+  if fields != [""]:
+    raise ValueError(f"template {template!r} must contain exactly one '{{}}' where the class name "
+                     f"goes (found {len(fields)} fields: {fields})")
+  return template
+
+
+def build_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+  """Class-major: all templates of class 0, then class 1, ..."""
+  if not class_names:
+    raise ValueError("no class names to build prompts from")
+  if not templates:
+    raise ValueError("no templates given")
+  checked = [validate_template(t) for t in templates]
+  return [template.format(name) for name in class_names for template in checked]
+
+
+def l2_normalize(array: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+  array = np.asarray(array, np.float32)
+  return array / np.maximum(np.linalg.norm(array, axis=axis, keepdims=True), eps)
+
+
+def class_embeddings(class_names: Sequence[str], templates: Sequence[str],
+                     encode_text: Callable[[list[str]], Any], batch_size: int = 256) -> np.ndarray:
+  """[num_classes, embed_dim], unit norm: normalise each prompt, average per class, renormalise."""
+  prompts = build_prompts(class_names, templates)
+  chunks = [np.asarray(encode_text(prompts[i:i + batch_size]), np.float32)
+            for i in range(0, len(prompts), batch_size)]
+  embeddings = np.concatenate(chunks, axis=0)
+  if embeddings.ndim != 2 or embeddings.shape[0] != len(prompts):
+    raise ValueError(f"encode_text returned shape {embeddings.shape} for {len(prompts)} prompts; "
+                     "expected [num_prompts, embed_dim]")
+  per_template = l2_normalize(embeddings).reshape(len(class_names), len(templates), -1)
+  return l2_normalize(per_template.mean(axis=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores for the three methods
+# ----------------------------------------------------------------------------------------------
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  exp = np.exp(shifted)
+  return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def cosine_logits(embeddings: np.ndarray, class_emb: np.ndarray,
+                  logit_scale: float = DEFAULT_LOGIT_SCALE) -> np.ndarray:
+  if embeddings.shape[-1] != class_emb.shape[-1]:
+    raise ValueError(f"image embeddings have width {embeddings.shape[-1]} but class embeddings "
+                     f"{class_emb.shape[-1]}; are they from the same CLIP model?")
+  return logit_scale * (l2_normalize(embeddings) @ l2_normalize(class_emb).T)
+
+
+def method_scores(class_emb: np.ndarray, clip_image_embeddings: np.ndarray | None = None,
+                  dino_features: np.ndarray | None = None, aligner=None,
+                  methods: Sequence[str] = METHODS, ensemble_weight: float = 0.5,
+                  logit_scale: float = DEFAULT_LOGIT_SCALE) -> dict[str, np.ndarray]:
+  """Scores [N, C] per method (logits for clip/agriclip, probabilities for the ensemble)."""
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+  if not 0.0 <= ensemble_weight <= 1.0:
+    raise ValueError(f"ensemble weight must be in [0, 1], got {ensemble_weight}")
+  need_clip = any(m in ("clip", "ensemble") for m in methods)
+  need_agri = any(m in ("agriclip", "ensemble") for m in methods)
+  if need_clip and clip_image_embeddings is None:
+    raise ValueError(f"methods {list(methods)} need CLIP image embeddings")
+  if need_agri and (dino_features is None or aligner is None):
+    raise ValueError(f"methods {list(methods)} need DINO features and an aligner")
+  if need_clip and need_agri and len(clip_image_embeddings) != len(dino_features):
+    raise ValueError(f"row counts differ: {len(clip_image_embeddings)} CLIP image embeddings, "
+                     f"{len(dino_features)} DINO feature rows")
+  logits = {}
+  if need_clip:
+    logits["clip"] = cosine_logits(np.asarray(clip_image_embeddings, np.float32), class_emb, logit_scale)
+  if need_agri:
+    aligned = aligner.apply(np.asarray(dino_features, np.float32))
+    logits["agriclip"] = cosine_logits(aligned, class_emb, logit_scale)
+  scores = {m: logits[m] for m in methods if m in logits}
+  if "ensemble" in methods:
+    scores["ensemble"] = (ensemble_weight * softmax(logits["clip"])
+                          + (1.0 - ensemble_weight) * softmax(logits["agriclip"]))
+  return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray,
+                           class_names: Sequence[str] | None = None) -> dict[str, Any]:
+  """top-1, top-5 (top-k with k = min(5, C)), per-class and balanced accuracy, confusion matrix."""
+  scores = np.asarray(scores)
+  labels = np.asarray(labels, np.int64)
+  if scores.ndim != 2 or labels.shape != (scores.shape[0],):
+    raise ValueError(f"scores [N, C] and labels [N] expected, got {scores.shape} and {labels.shape}")
+  num_images, num_classes = scores.shape
+  if num_images == 0:
+    raise ValueError("no images to evaluate")
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels must lie in [0, {num_classes}), found {labels.min()}..{labels.max()}")
+  names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+  if len(names) != num_classes:
+    raise ValueError(f"{len(names)} class names for {num_classes} score columns")
+  ranking = np.argsort(-scores, axis=1, kind="stable")
+  k = min(5, num_classes)
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(confusion, (labels, ranking[:, 0]), 1)
+  support = confusion.sum(axis=1)
+  per_class = {name: (float(confusion[i, i] / support[i]) if support[i] else None)
+               for i, name in enumerate(names)}
+  present = [v for v in per_class.values() if v is not None]
+  return {
+      "num_images": int(num_images),
+      "top1": float(np.mean(ranking[:, 0] == labels)),
+      "top5": float(np.mean(np.any(ranking[:, :k] == labels[:, None], axis=1))),
+      "balanced_accuracy": float(np.mean(present)),
+      "per_class": per_class,
+      "class_names": names,
+      "confusion": confusion.tolist(),
+  }
+
+
+def retrieval_recall(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
+                     text_image_index: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+  """Recall@k both ways for captioned images; text j describes image text_image_index[j].
+
+  image->text: an image counts at k if any of its captions is among its k most similar texts;
+  text->image: a caption counts if its image is among its k most similar images.
+  """
+  text_image_index = np.asarray(text_image_index, np.int64)
+  num_images = image_embeddings.shape[0]
+  if text_image_index.shape != (text_embeddings.shape[0],):
+    raise ValueError(f"{text_embeddings.shape[0]} texts but {text_image_index.shape} image indices")
+  if text_image_index.min() < 0 or text_image_index.max() >= num_images:
+    raise ValueError(f"text->image indices must lie in [0, {num_images})")
+  similarity = l2_normalize(image_embeddings) @ l2_normalize(text_embeddings).T  # [N, M]
+  owns = text_image_index[None, :] == np.arange(num_images)[:, None]
+  if not owns.any(axis=1).all():
+    raise ValueError(f"images without any caption: {np.flatnonzero(~owns.any(axis=1))[:10].tolist()}")
+  best_own = np.where(owns, similarity, -np.inf).max(axis=1)
+  image_rank = (np.where(owns, -np.inf, similarity) > best_own[:, None]).sum(axis=1)
+  own_score = similarity[text_image_index, np.arange(len(text_image_index))]
+  text_rank = (similarity > own_score[None, :]).sum(axis=0)
+  metrics = {}
+  for k in ks:
+    metrics[f"image_to_text_R@{k}"] = float(np.mean(image_rank < k))
+    metrics[f"text_to_image_R@{k}"] = float(np.mean(text_rank < k))
+  return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic evaluation split
+# ----------------------------------------------------------------------------------------------
+
+def is_eval_item(relative_path: str, eval_fraction: float, salt: str = DEFAULT_EVAL_SALT) -> bool:
+  """True when the item belongs to the evaluation split: a hash of its relative path, so that it
+  does not change with machines, orderings or the other files in the folder."""
+  if not 0.0 < eval_fraction <= 1.0:
+    raise ValueError(f"evaluation fraction must be in (0, 1], got {eval_fraction}")
+  normalised = str(relative_path).replace("\\", "/")
+  while normalised.startswith("./"):
+    normalised = normalised[2:]
+  digest = hashlib.sha256(f"{salt}\0{normalised}".encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < eval_fraction
+
+
+def eval_indices(relative_paths: Sequence[str], eval_fraction: float,
+                 salt: str = DEFAULT_EVAL_SALT) -> np.ndarray:
+  return np.array([i for i, path in enumerate(relative_paths)
+                   if is_eval_item(path, eval_fraction, salt)], np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# One task, all methods
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(class_emb: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+             clip_image_embeddings: np.ndarray | None = None, dino_features: np.ndarray | None = None,
+             aligner=None, methods: Sequence[str] = METHODS, ensemble_weight: float = 0.5,
+             logit_scale: float = DEFAULT_LOGIT_SCALE) -> dict[str, dict[str, Any]]:
+  """{method: classification metrics} for one task."""
+  scores = method_scores(class_emb, clip_image_embeddings, dino_features, aligner, methods,
+                         ensemble_weight, logit_scale)
+  return {method: classification_metrics(s, labels, class_names) for method, s in scores.items()}
+
+
+def suite_means(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+  """Mean top-1 / balanced accuracy per method over tasks, as the paper averages its 20 tasks."""
+  by_method: dict[str, list[dict[str, Any]]] = {}
+  for result in results:
+    by_method.setdefault(result["method"], []).append(result)
+  return {method: {"tasks": len(rows),
+                   "top1": float(np.mean([r["top1"] for r in rows])),
+                   "balanced_accuracy": float(np.mean([r["balanced_accuracy"] for r in rows]))}
+          for method, rows in by_method.items()}

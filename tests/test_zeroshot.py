@@ -1,0 +1,241 @@
+"""Zero-shot: toy case with known answers for all three methods, metrics vs brute force, splits."""
+
+import numpy as np
+import pytest
+
+from agriclip_jax import align, zeroshot
+
+CLASSES = ["Common_Rust", "Gray_Leaf_Spot", "Blight", "Healthy"]
+TEMPLATES = ["a photo of {}.", "a leaf with {}"]
+
+
+def _toy_text_encoder(embed_dim=8, seed=0):
+  """Each cleaned class name owns a basis direction; templates add a small shared offset."""
+  rng = np.random.default_rng(seed)
+  basis = np.linalg.qr(rng.normal(size=(embed_dim, embed_dim)))[0]
+  class_vec = {zeroshot.clean_class_name(c): 3.0 * basis[i] for i, c in enumerate(CLASSES)}
+  template_vec = {t: 0.2 * basis[len(CLASSES) + i] for i, t in enumerate(TEMPLATES)}
+  seen = []
+
+  def encode_text(prompts):
+    seen.extend(prompts)
+    rows = []
+    for prompt in prompts:
+      (name,) = [c for c in class_vec if c in prompt]
+      (template,) = [t for t in TEMPLATES if prompt == t.format(name)]
+      rows.append(class_vec[name] + template_vec[template])
+    return np.stack(rows)
+
+  return encode_text, class_vec, seen
+
+
+def test_class_embeddings_average_normalised_templates():
+  encode_text, _, seen = _toy_text_encoder()
+  names = [zeroshot.clean_class_name(c) for c in CLASSES]
+  got = zeroshot.class_embeddings(names, TEMPLATES, encode_text, batch_size=3)
+  assert len(seen) == len(names) * len(TEMPLATES)
+  for i, name in enumerate(names):
+    per_template = [encode_text([t.format(name)])[0] for t in TEMPLATES]
+    mean = np.mean([v / np.linalg.norm(v) for v in per_template], axis=0)
+    np.testing.assert_allclose(got[i], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+
+
+def test_toy_zero_shot_scores_100_percent_for_all_three_methods():
+  rng = np.random.default_rng(1)
+  encode_text, class_vec, _ = _toy_text_encoder()
+  names = [zeroshot.clean_class_name(c) for c in CLASSES]
+  class_emb = zeroshot.class_embeddings(names, TEMPLATES, encode_text)
+  labels = np.repeat(np.arange(len(CLASSES)), 5)
+  targets = np.stack([class_vec[names[label]] for label in labels])
+  clip_images = targets + 0.3 * rng.normal(size=targets.shape)
+  # DINO features that the aligner maps onto the class directions (plus a null-space component).
+  aligner = align.LinearAligner(rng.normal(size=(8, 12)).astype(np.float32),
+                                rng.normal(size=8).astype(np.float32))
+  pinv = np.linalg.pinv(aligner.weight.astype(np.float64))
+  null = np.eye(12) - pinv @ aligner.weight
+  dino = (targets + 0.3 * rng.normal(size=targets.shape) - aligner.bias) @ pinv.T
+  dino = dino + rng.normal(size=dino.shape) @ null.T
+  results = zeroshot.evaluate(class_emb, labels, CLASSES, clip_images, dino, aligner,
+                              ensemble_weight=0.3)
+  assert set(results) == {"clip", "agriclip", "ensemble"}
+  for method, metrics in results.items():
+    assert metrics["top1"] == 1.0, method
+    assert metrics["top5"] == 1.0 and metrics["balanced_accuracy"] == 1.0
+    np.testing.assert_array_equal(metrics["confusion"], np.diag([5] * len(CLASSES)))
+  # The same data with shuffled class embeddings must fail: the test can tell right from wrong.
+  wrong = zeroshot.evaluate(class_emb[::-1], labels, CLASSES, clip_images, dino, aligner)
+  assert all(m["top1"] == 0.0 for m in wrong.values())
+
+
+def test_agriclip_path_is_aligner_then_normalise_then_cosine():
+  rng = np.random.default_rng(2)
+  aligner = align.LinearAligner(rng.normal(size=(4, 6)).astype(np.float32),
+                                rng.normal(size=4).astype(np.float32))
+  class_emb = zeroshot.l2_normalize(rng.normal(size=(3, 4)))
+  dino = rng.normal(size=(5, 6)).astype(np.float32)
+  scores = zeroshot.method_scores(class_emb, dino_features=dino, aligner=aligner,
+                                  methods=["agriclip"], logit_scale=10.0)["agriclip"]
+  aligned = dino @ aligner.weight.T + aligner.bias
+  want = 10.0 * (aligned / np.linalg.norm(aligned, axis=1, keepdims=True)) @ class_emb.T
+  np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ensemble_is_weighted_probabilities():
+  rng = np.random.default_rng(3)
+  class_emb = zeroshot.l2_normalize(rng.normal(size=(3, 4)))
+  clip_images = rng.normal(size=(6, 4))
+  aligner = align.LinearAligner(np.eye(4, dtype=np.float32), np.zeros(4, np.float32))
+  dino = rng.normal(size=(6, 4))
+  scores = zeroshot.method_scores(class_emb, clip_images, dino, aligner, ensemble_weight=0.25,
+                                  logit_scale=5.0)
+
+  def probs(x):
+    logits = 5.0 * zeroshot.l2_normalize(x) @ class_emb.T
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+  np.testing.assert_allclose(scores["ensemble"], 0.25 * probs(clip_images) + 0.75 * probs(dino),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="row counts differ"):
+    zeroshot.method_scores(class_emb, clip_images, dino[:5], aligner)
+  with pytest.raises(ValueError, match="unknown methods"):
+    zeroshot.method_scores(class_emb, clip_images, methods=["dino"])
+
+
+def test_classification_metrics_against_brute_force():
+  rng = np.random.default_rng(4)
+  scores = rng.normal(size=(50, 7))
+  labels = rng.integers(0, 6, size=50)  # class 6 never occurs: excluded from balanced accuracy
+  got = zeroshot.classification_metrics(scores, labels)
+  top1 = np.mean([np.argmax(s) == y for s, y in zip(scores, labels)])
+  top5 = np.mean([y in np.argsort(-s)[:5] for s, y in zip(scores, labels)])
+  confusion = np.zeros((7, 7), int)
+  for s, y in zip(scores, labels):
+    confusion[y, np.argmax(s)] += 1
+  per_class = [confusion[c, c] / confusion[c].sum() for c in range(6)]
+  assert got["top1"] == pytest.approx(top1)
+  assert got["top5"] == pytest.approx(top5)
+  assert got["balanced_accuracy"] == pytest.approx(np.mean(per_class))
+  assert got["per_class"]["6"] is None
+  np.testing.assert_array_equal(got["confusion"], confusion)
+
+
+def test_retrieval_recall_against_brute_force():
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(12, 6))
+  owner = np.concatenate([np.arange(12), rng.integers(0, 12, size=10)])  # some images have 2+ captions
+  texts = images[owner] + 1.5 * rng.normal(size=(len(owner), 6))
+  got = zeroshot.retrieval_recall(images, texts, owner, ks=(1, 5, 10))
+  sim = zeroshot.l2_normalize(images) @ zeroshot.l2_normalize(texts).T
+  for k in (1, 5, 10):
+    i2t = np.mean([np.any(owner[np.argsort(-sim[i])[:k]] == i) for i in range(12)])
+    t2i = np.mean([owner[j] in np.argsort(-sim[:, j])[:k] for j in range(len(owner))])
+    assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t)
+    assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i)
+  assert 0 < got["image_to_text_R@1"] < 1  # the noise makes the case non-trivial
+
+
+def test_templates_and_class_names():
+  assert zeroshot.clean_class_name("Tomato___Early_blight") == "tomato early blight"
+  assert zeroshot.clean_class_name("GrayLeafSpot") == "gray leaf spot"
+  assert zeroshot.build_prompts(["rust"], ["a photo contain {} deficiency"]) == [
+      "a photo contain rust deficiency"]
+  for bad in ("a photo of a leaf", "a {} with {}", "a photo of {name}", "a photo of {"):
+    with pytest.raises(ValueError, match="template"):
+      zeroshot.validate_template(bad)
+
+
+def test_eval_split_is_deterministic_and_order_free():
+  paths = [f"Class{i % 3}/img_{i:04d}.jpg" for i in range(2000)]
+  chosen = zeroshot.eval_indices(paths, 0.2)
+  assert 0.17 < len(chosen) / len(paths) < 0.23
+  reversed_choice = zeroshot.eval_indices(paths[::-1], 0.2)
+  assert {paths[i] for i in chosen} == {paths[::-1][i] for i in reversed_choice}
+  assert zeroshot.is_eval_item("./Class0/img_0001.jpg", 0.2) == zeroshot.is_eval_item(
+      "Class0/img_0001.jpg", 0.2)
+  assert set(zeroshot.eval_indices(paths, 0.2, salt="other")) != set(chosen)
+  assert len(zeroshot.eval_indices(paths, 1.0)) == len(paths)
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands end to end with tiny real models: align -> zeroshot -> report
+# ----------------------------------------------------------------------------------------------
+
+def _tiny_models(tmp_path):
+  from agriclip_jax import model_io, tokenizer
+  from agriclip_jax.models.configs import clip_config, vision_config
+  captions = [f"a photo of a corn leaf with {c}" for c in ("blight", "common rust", "gray leaf spot")] * 20
+  tok_dir = tmp_path / "tok"
+  tokenizer.train_bpe_tokenizer(captions, vocab_size=600, out_dir=tok_dir)
+  import jax
+
+  def init(model_type, config, seed):
+    """Random weights of the right shapes from numpy: compiling Flax's init costs more on 2 CPU
+    cores than the rest of this test; these models only need to run, not to be good."""
+    rng = np.random.default_rng(seed)
+    shapes = model_io.abstract_variables(model_type, config)
+
+    def fill(path, leaf):
+      if "scale" in jax.tree_util.keystr(path):
+        return np.ones(leaf.shape, leaf.dtype)
+      return (0.05 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+  clip_cfg = clip_config("tiny").to_dict()
+  clip_dir = model_io.save_model_dir(tmp_path / "clip", "clip", clip_cfg, init("clip", clip_cfg, 0),
+                                     tok_dir)
+  dino_cfg = vision_config("tiny", flavour="dino").to_dict()
+  dino_dir = model_io.save_model_dir(tmp_path / "dino", "vit", dino_cfg, init("vit", dino_cfg, 1))
+  return clip_dir, dino_dir
+
+
+def test_commands_align_zeroshot_report_on_real_photos(corn_dir, tmp_path):
+  import json
+  import shutil
+  from agriclip_jax import cli
+  data = tmp_path / "field"
+  for class_dir in sorted((corn_dir / "field").iterdir()):
+    (data / class_dir.name).mkdir(parents=True)
+    for image in sorted(class_dir.glob("*.jpg"))[:6]:
+      shutil.copy(image, data / class_dir.name / image.name)
+  clip_dir, dino_dir = _tiny_models(tmp_path)
+  cache = tmp_path / "cache"
+  aligner_path = tmp_path / "aligner.pth"
+  assert cli.main(["align", "--dino", str(dino_dir), "--model", str(clip_dir), "--data", str(data),
+                   "--reserve-eval", "0.5", "--holdout", "0.2", "--ridge", "auto",
+                   "--cache", str(cache), "--batch-size", "8", "--out", str(aligner_path)]) == 0
+  summary = json.loads((tmp_path / "aligner.pth.metrics.json").read_text())
+  assert summary["method"] == "exact" and summary["in_dim"] == 64 and summary["out_dim"] == 32
+  assert summary["rows"] < 18  # the evaluation half was held back
+  results = tmp_path / "results.json"
+  assert cli.main(["zeroshot", "--model", str(clip_dir), "--dino", str(dino_dir),
+                   "--aligner", str(aligner_path), "--data", str(data), "--template",
+                   "a photo of a corn leaf with {}", "--eval-fraction", "0.5", "--cache", str(cache),
+                   "--batch-size", "8", "--retrieval", "--out", str(results)]) == 0
+  document = json.loads(results.read_text())
+  assert [r["method"] for r in document["retrieval"]] == ["clip", "agriclip"]
+  assert all(0 <= r["image_to_text_R@10"] <= 1 for r in document["retrieval"])
+  assert [r["method"] for r in document["results"]] == ["clip", "agriclip", "ensemble"]
+  evaluated = document["results"][0]["num_images"]
+  assert evaluated + summary["rows"] == 18  # evaluation and alignment images are disjoint
+  assert document["results"][0]["class_names"] == ["Blight", "Common_Rust", "Gray_Leaf_Spot"]
+  assert set(document["mean"]) == {"clip", "agriclip", "ensemble"}
+  assert cli.main(["report", "--results", str(results), "--out", str(tmp_path / "report")]) == 0
+  assert (tmp_path / "report" / "accuracy.png").stat().st_size > 1000
+  assert "Image-text retrieval" in (tmp_path / "report" / "report.md").read_text()
+  assert len(list((tmp_path / "report" / "confusion").glob("*.png"))) == 3
+
+
+def test_zeroshot_command_errors(tmp_path):
+  from agriclip_jax import cli
+  (tmp_path / "data" / "Rust").mkdir(parents=True)
+  (tmp_path / "data" / "Rust" / "a.jpg").write_bytes(b"x")
+  (tmp_path / "data" / "Empty").mkdir()
+  out = str(tmp_path / "r.json")
+  with pytest.raises(ValueError, match="must contain exactly one"):
+    cli.main(["zeroshot", "--data", str(tmp_path / "data"), "--template", "a leaf", "--out", out])
+  with pytest.raises(ValueError, match=r"Empty holds no images"):
+    cli.main(["zeroshot", "--data", str(tmp_path / "data"), "--template", "a {}", "--out", out])
+  with pytest.raises(KeyError, match="unknown task 'banana'"):
+    cli.main(["zeroshot", "--task", "banana", "--data", str(tmp_path / "data"), "--out", out])
