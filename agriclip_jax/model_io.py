@@ -120,15 +120,21 @@ def check_tree_matches(expected: Mapping[str, Any], actual: Mapping[str, Any], s
   extra = sorted(set(got) - set(want))
   mismatched = [f"{k}: expected {tuple(want[k].shape)}, got {tuple(np.shape(got[k]))}"
                 for k in sorted(set(want) & set(got)) if tuple(want[k].shape) != tuple(np.shape(got[k]))]
+  problems = describe_mismatch(missing, extra, mismatched)
+  if problems:
+    raise ValueError(f"{source}: weights do not match the model: {problems}")
+
+
+def describe_mismatch(missing: list[str], extra: list[str], mismatched: list[str] = ()) -> str:
+  """One line naming missing keys, unexpected keys and shape mismatches ("" when there are none)."""
   problems = []
   if missing:
     problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
   if extra:
     problems.append(f"unexpected keys ({len(extra)}): {_short(extra)}")
   if mismatched:
-    problems.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched)}")
-  if problems:
-    raise ValueError(f"{source}: weights do not match the model: " + "; ".join(problems))
+    problems.append(f"shape mismatches ({len(mismatched)}): {_short(list(mismatched))}")
+  return "; ".join(problems)
 
 
 def _is_nested(tree: Mapping[str, Any]) -> bool:

@@ -438,3 +438,20 @@ def test_writers_refuse_models_of_the_wrong_type(tmp_path):
   for fmt in ("dino-vit", "dino-rn50", "timm-dino-vit"):
     with pytest.raises(ValueError, match=f"format '{fmt}' writes"):
       dino_convert.WRITERS[fmt](model, tmp_path / "x", {})
+
+
+def test_convert_command_passes_the_dino_options(checkpoint_file, tmp_path):
+  """--which/--part/--heads reach the reader: the student backbone comes out, as torch computes it."""
+  from agriclip_jax import cli, model_io
+  path, student, _ = checkpoint_file
+  out = tmp_path / "student_backbone"
+  assert cli.main(["convert", "--src", str(path), "--src-format", "dino-checkpoint", "--which",
+                   "student", "--part", "backbone", "--heads", "2", "--dst", str(out),
+                   "--dst-format", "flax"]) == 0
+  model_type, config, variables = model_io.load_model_dir(out)
+  assert model_type == "vit"
+  module, _ = model_io.build_model(model_type, config)
+  images = np.random.default_rng(7).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = student.backbone(nchw(images)).numpy()
+  np.testing.assert_allclose(np.asarray(module.apply(variables, images)), want, atol=1e-4, rtol=0)

@@ -29,11 +29,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "open_clip_torch package)")
   parser.add_argument("--allow-torchscript", action="store_true",
                       help="allow loading OpenAI's TorchScript archives (runs torch.jit.load)")
+  dino = parser.add_argument_group("DINO formats (dino-vit, dino-rn50, dino-checkpoint, timm-dino-vit)")
+  dino.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                    help="dino-checkpoint: which network to read (DINO evaluates the teacher)")
+  dino.add_argument("--part", choices=("full", "backbone"), default="full",
+                    help="dino-checkpoint: backbone + projection head, or the backbone only")
+  dino.add_argument("--heads", type=int, default=None,
+                    help="attention heads of a DINO ViT (not stored in its files; default width/64)")
+  dino.add_argument("--depth", type=int, default=None,
+                    help="dino-rn50: the ResNet depth expected (default 50); another depth is an error")
+  dino.add_argument("--drop-fc", action="store_true",
+                    help="dino-rn50: accept and drop a classifier `fc` (torchvision ImageNet weights)")
+  dino.add_argument("--drop-classifier", action="store_true",
+                    help="timm-dino-vit: accept and drop a classifier `head.*`")
 
 
 def run(args: argparse.Namespace) -> int:
   options = {"model_name": args.model_name, "tokenizer": args.tokenizer,
-             "allow_torchscript": args.allow_torchscript}
+             "allow_torchscript": args.allow_torchscript, "which": args.which, "part": args.part,
+             "heads": args.heads, "depth": args.depth, "drop_fc": args.drop_fc,
+             "drop_classifier": args.drop_classifier}
   model = registry.convert(args.src, args.src_format, args.dst, args.dst_format, options)
   print(f"converted {args.src} ({args.src_format}) -> {args.dst} ({args.dst_format}): "
         f"model_type {model.model_type}")

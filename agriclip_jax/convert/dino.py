@@ -235,13 +235,9 @@ def head_table(n_layers: int, norm_last_layer: bool) -> Table:
 def _check_keys(table: Table, state: Mapping[str, Any], source: str, ignored: set[str]) -> None:
   missing = sorted(set(table) - set(state))
   extra = sorted(set(state) - set(table) - ignored)
-  problems = []
-  if missing:
-    problems.append(f"missing keys ({len(missing)}): {model_io._short(missing)}")
-  if extra:
-    problems.append(f"unexpected keys ({len(extra)}): {model_io._short(extra)}")
+  problems = model_io.describe_mismatch(missing, extra)
   if problems:
-    raise ValueError(f"{source}: " + "; ".join(problems))
+    raise ValueError(f"{source}: {problems}")
 
 
 def torch_to_flax(table: Table, state: Mapping[str, np.ndarray], source: str,
