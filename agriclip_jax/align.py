@@ -85,8 +85,9 @@ def save_aligner(aligner: LinearAligner, path: str | os.PathLike,
   suffix = path.suffix.lower()
   if suffix not in ALIGNER_SUFFIXES:
     raise ValueError(f"aligner file {path}: unknown suffix {suffix!r}; use one of {ALIGNER_SUFFIXES}")
-  weight = np.ascontiguousarray(aligner.weight, dtype=np.float32)
-  bias = np.ascontiguousarray(aligner.bias, dtype=np.float32)
+  # Own, writable copies: torch.from_numpy warns on read-only arrays (e.g. from jax.device_get).
+  weight = np.array(aligner.weight, dtype=np.float32, order="C")
+  bias = np.array(aligner.bias, dtype=np.float32, order="C")
   tmp = _atomic_target(path)
   try:
     if suffix in (".pth", ".pt"):

@@ -1,7 +1,8 @@
 """The `agriclip` command: one subcommand per stage of the pipeline.
 
 Each subcommand lives in its own module under `agriclip_jax.commands` and exposes
-`add_arguments(parser)` and `run(args) -> int`. The table below is the whole registry: a
+`add_arguments(parser)` and `run(args) -> int` (and optionally `parse_arguments(parser, argv)` when
+it accepts more than argparse flags). The table below is the whole registry: a
 subcommand's module is imported only when that subcommand runs, so a slow import (JAX, torch)
 never delays `agriclip --help`.
 """
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
   module = importlib.import_module(module_name)
   sub_parser = argparse.ArgumentParser(prog=f"agriclip {name}", description=help_text)
   module.add_arguments(sub_parser)
-  args = sub_parser.parse_args(argv[1:])
+  # A subcommand that takes free-form arguments (train's --config.KEY=VALUE) parses them itself.
+  parse = getattr(module, "parse_arguments", None)
+  args = parse(sub_parser, argv[1:]) if parse else sub_parser.parse_args(argv[1:])
   try:
     return int(module.run(args) or 0)
   except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:

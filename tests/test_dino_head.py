@@ -75,12 +75,14 @@ def test_multi_crop_equals_per_crop_forward():
   rng = np.random.default_rng(2)
   global_crops = jnp.asarray(rng.normal(size=(3, 2, 16, 16, 3)), jnp.float32)
   local_crops = jnp.asarray(rng.normal(size=(3, 4, 8, 8, 3)), jnp.float32)
-  params = model.init(jax.random.key(0), global_crops[:, 0])["params"]
-  outputs = model.apply({"params": params}, global_crops, local_crops, method=DINO.multi_crop)
+  params = jax.jit(model.init)(jax.random.key(0), global_crops[:, 0])["params"]
+  outputs = jax.jit(lambda p, g, l: model.apply({"params": p}, g, l, method=DINO.multi_crop))(
+      params, global_crops, local_crops)
   assert outputs.shape == (3, 6, 16)
+  single_view = jax.jit(lambda p, x: model.apply({"params": p}, x))
   for view in range(6):
     crop = global_crops[:, view] if view < 2 else local_crops[:, view - 2]
-    single = model.apply({"params": params}, crop)
+    single = single_view(params, crop)
     np.testing.assert_allclose(outputs[:, view], single, rtol=1e-5, atol=1e-5)
 
 

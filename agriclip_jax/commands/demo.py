@@ -1,47 +1,62 @@
-"""`agriclip demo`: the pipeline end to end on what exists so far.
+"""`agriclip demo`: the whole AgriCLIP pipeline offline (see agriclip_jax/demo.py for the stages).
 
-Current stages: build a tiny CLIP, save it as a model directory, load it back (checked against its
-config), and embed images and captions with it. Training, alignment and zero-shot stages join as
-they land.
+    agriclip demo --workdir W [--quick]                       generated ALive-synth data
+    agriclip demo --workdir W --data IMAGEFOLDER_OR_MANIFEST [--metadata META.json]
+                  --eval IMAGEFOLDER [--eval ...] [--holdout 0.5]   your own photos
+    [--config configs/demo.py[:default|quick|real|real_quick]] [--set key.sub=value ...]
+
+Writes W/report.md (+ PNGs), W/results.json, W/timings.json, W/models/ (model directories) and
+W/export/ (PyTorch files).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from pathlib import Path
-
-import numpy as np
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", type=Path, required=True, help="output folder")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quick", action="store_true",
+                      help="test-size run (config arg quick, or real_quick with --data)")
+  parser.add_argument("--config", default=None,
+                      help="config file[:arg] (default: configs/demo.py, arg default / real)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set train.total_steps=200 (repeatable)")
+  parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+  parser.add_argument("--data", default=None,
+                      help="your training images: an ImageFolder (captioned from --metadata or the "
+                           "class folder names) or a captioned manifest (.jsonl/.csv/shards)")
+  parser.add_argument("--metadata", default=None, help="class metadata JSON for the captions "
+                      "(see agriclip_jax/prompts.py; e.g. configs/corn_metadata.json)")
+  parser.add_argument("--eval", dest="evals", action="append", default=[], metavar="IMAGEFOLDER",
+                      help="a zero-shot task over its class folders (repeatable)")
+  parser.add_argument("--holdout", type=float, default=0.0,
+                      help="hold this fraction of an ImageFolder --data out of training and "
+                           "evaluate it zero-shot as one more task (e.g. 0.5)")
+  parser.add_argument("--no-export", action="store_true", help="skip the PyTorch exports")
 
 
 def run(args: argparse.Namespace) -> int:
-  import jax
-  import jax.numpy as jnp
-
-  from agriclip_jax import model_io
-  from agriclip_jax.models.clip import CLIP, l2_normalize
-  from agriclip_jax.models.configs import CLIPConfig, clip_config
-
-  start = time.time()
-  args.workdir.mkdir(parents=True, exist_ok=True)
-  config = clip_config("tiny")
-  variables = model_io.init_variables("clip", config.to_dict(), seed=args.seed)
-  model_dir = model_io.save_model_dir(args.workdir / "clip_tiny", "clip", config.to_dict(), variables)
-  print(f"[demo] model directory written: {model_dir}")
-  model_type, config_dict, variables = model_io.load_model_dir(model_dir)
-  model = CLIP(CLIPConfig.from_dict(config_dict))
-  rng = np.random.default_rng(args.seed)
-  images = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(1, 49406, size=(4, 77)), jnp.int32).at[:, 10].set(49407)
-  out = jax.jit(model.apply)(variables, images, tokens)
-  logits = np.asarray(out["logit_scale"] * out["image_embeddings"] @ out["text_embeddings"].T)
-  np.savez(args.workdir / "embeddings.npz", image_embeddings=np.asarray(out["image_embeddings"]),
-           text_embeddings=np.asarray(out["text_embeddings"]), logits=logits)
-  print(f"[demo] {model_type}: image/text embeddings {tuple(out['image_embeddings'].shape)}, "
-        f"logits {logits.shape} -> {args.workdir / 'embeddings.npz'} ({time.time() - start:.1f}s)")
+  from agriclip_jax import demo
+  if not 0.0 <= args.holdout < 1.0:
+    print(f"error: --holdout must be in [0, 1), got {args.holdout}", file=sys.stderr)
+    return 2
+  real = args.data is not None
+  default_arg = ("real_quick" if args.quick else "real") if real else (
+      "quick" if args.quick else "default")
+  spec = args.config or str(demo.DEFAULT_CONFIG)
+  try:
+    config = demo.load_config(spec, default_arg)
+    if args.seed is not None:
+      config.seed = args.seed
+      config.train.seed = args.seed
+    demo.apply_overrides(config, args.overrides)
+    options = demo.DemoOptions(args.workdir, args.data, args.metadata, tuple(args.evals),
+                               args.holdout, export=not args.no_export)
+    demo.run_demo(options, config)
+  except (ValueError, KeyError, FileNotFoundError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   return 0

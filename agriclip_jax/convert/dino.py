@@ -9,7 +9,7 @@ Formats (keys of `READERS` / `WRITERS`):
 - `dino-checkpoint`: a DINO training checkpoint (.pth) {"student": {"module.backbone.*",
   "module.head.*"}, "teacher": {"backbone.*", "head.*"}, ...}. Option `which` = "teacher" (default,
   as DINO evaluates) or "student"; option `part` = "full" (default: backbone + head, model type
-  "dino", ViT backbones only as `agriclip_jax.models.dino.DINO` is) or "backbone".
+  "dino" with a ViT or ResNet backbone) or "backbone".
 - `timm-dino-vit`: timm's DINO ViT (`vit_small_patch16_224.dino`, ...): a timm hub directory
   (model.safetensors + config.json) or a single .safetensors / .pth / .bin file. timm's DINO v1
   names are DINO's names; a classifier `head.*` is refused unless option `drop_classifier` is set.
@@ -21,8 +21,10 @@ that needs pickled code is refused; every write goes to a temporary name and is 
 
 Flax layouts: ViT as `agriclip_jax.models.vit` (DINO flavour, model type "vit"), ResNet as
 `agriclip_jax.models.resnet` (model type "resnet", variables "params" + "batch_stats"), the DINO head
-as `agriclip_jax.models.dino` (model type "dino", params "backbone" + "head"), the aligner as a
-Dense layer (model type "linear_aligner", kernel = W.T).
+as `agriclip_jax.models.dino` (model type "dino", params "backbone" + "head", and with a ResNet
+backbone "batch_stats" under "backbone"), the aligner as a Dense layer (model type
+"linear_aligner", kernel = W.T). Backbone formats (`dino-rn50`) also accept a "dino" model -- what
+`agriclip train` writes -- and write its backbone.
 """
 
 from __future__ import annotations
@@ -462,14 +464,13 @@ def read_dino_checkpoint_data(data: Any, source: str, which: str = "teacher", pa
                      f"(keys start: {', '.join(sorted(backbone)[:6])})")
   if part == "backbone":
     return converted
-  if architecture != "vit":
-    raise ValueError(f"{entry}: part='full' needs a ViT backbone (agriclip_jax.models.dino.DINO); "
-                     f"pass part=backbone to convert the ResNet backbone without its head")
   if not head:
     raise ValueError(f"{entry}: no head.* keys; pass part=backbone to convert the backbone alone")
   head_config, head_params = head_from_state(head, f"{entry} head")
-  config = {"backbone": converted.config, "head": head_config}
+  config = {"backbone_type": architecture, "backbone": converted.config, "head": head_config}
   variables = {"params": {"backbone": converted.variables["params"], "head": head_params}}
+  if "batch_stats" in converted.variables:
+    variables["batch_stats"] = {"backbone": converted.variables["batch_stats"]}
   model_io.check_tree_matches(model_io.abstract_variables("dino", config), variables, entry)
   return ConvertedModel("dino", config, variables)
 
@@ -477,15 +478,25 @@ def read_dino_checkpoint_data(data: Any, source: str, which: str = "teacher", pa
 def dino_checkpoint_state(model: ConvertedModel, which: str, source: str) -> dict[str, Any]:
   """{which: state} with DINO's prefixes: the student under module., the teacher without."""
   if model.model_type == "dino":
-    backbone = ConvertedModel("vit", model.config["backbone"],
-                              {"params": model.variables["params"]["backbone"]})
-    state = {f"backbone.{k}": v for k, v in vit_to_dino_state(backbone, source).items()}
+    backbone = dino_backbone(model)
+    state = {f"backbone.{k}": v for k, v in _backbone_state(backbone, source).items()}
     head = head_to_state(model.config["head"], model.variables["params"]["head"], source)
     state.update({f"head.{k}": v for k, v in head.items()})
   else:
     state = {f"backbone.{k}": v for k, v in _backbone_state(model, source).items()}
   prefix = "module." if which == "student" else ""
   return {which: {prefix + k: v for k, v in state.items()}}
+
+
+def dino_backbone(model: ConvertedModel) -> ConvertedModel:
+  """The backbone of a "dino" model (backbone + head) as a model of its own ("vit" | "resnet")."""
+  if model.model_type != "dino":
+    return model
+  backbone_type = model.config.get("backbone_type", "vit")
+  variables = {"params": model.variables["params"]["backbone"]}
+  if "batch_stats" in model.variables:
+    variables["batch_stats"] = model.variables["batch_stats"]["backbone"]
+  return ConvertedModel(backbone_type, dict(model.config["backbone"]), variables)
 
 
 def _backbone_state(model: ConvertedModel, source: str) -> dict[str, np.ndarray]:
@@ -562,6 +573,12 @@ def read_dino_rn50(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
 
 
 def write_dino_rn50(model: ConvertedModel, dst: Path, options: Mapping[str, Any]) -> None:
+  """A torchvision ResNet state dict; from a "resnet" model or the backbone of a "dino" one."""
+  if model.model_type == "dino":
+    model = dino_backbone(model)
+    if model.model_type != "resnet":
+      raise ValueError(f"format 'dino-rn50' writes ResNet backbones; this DINO model has a "
+                       f"{model.model_type!r} backbone (use dino-vit)")
   _require_type(model, ("resnet",), "dino-rn50")
   depth = _option_int(options, "depth")
   if depth is not None and depth != model.config.get("depth"):

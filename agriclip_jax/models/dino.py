@@ -1,10 +1,17 @@
-"""DINO: a ViT backbone (DINO flavour) and the projection head with weight-normed prototypes.
+"""DINO: a backbone (DINO-flavour ViT or torchvision ResNet) and the projection head with
+weight-normed prototypes.
 
 Head (facebookresearch/dino `DINOHead`): Linear(in, 2048)-GELU-Linear(2048, 2048)-GELU-
 Linear(2048, 256), L2 normalise, then a weight-normalised Linear(256, out_dim) without bias whose
 per-prototype norm g is fixed to 1 when `norm_last_layer` (then g is not a parameter at all).
 
-Parameter names: `backbone/...` (the VisionTransformer's), `head/mlp_{0,1,2}/{kernel,bias}`,
+Backbones: `VisionConfig` (flavour "dino") builds `VisionTransformer`; `ResNetConfig` builds the
+torchvision-layout `ResNet`, whose BatchNorm running statistics live in the `batch_stats` collection
+under `backbone/...` (apply with `mutable=["batch_stats"]` in training). `DINOConfig.to_dict()`
+records which one as `backbone_type` ("vit" | "resnet"; absent means "vit", as in older files).
+
+Parameter names: `backbone/...` (the VisionTransformer's or ResNet's),
+`head/mlp_{0,1,2}/{kernel,bias}`,
 `head/last_layer/kernel_v` [bottleneck, out_dim] (torch `last_layer.weight_v` transposed) and,
 without `norm_last_layer`, `head/last_layer/kernel_g` [out_dim] (torch `weight_g[:, 0]`).
 """
@@ -19,7 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from agriclip_jax.models.configs import VisionConfig
+from agriclip_jax.models.resnet import ResNet, ResNetConfig
 from agriclip_jax.models.vit import VisionTransformer
+
+BACKBONE_TYPES = ("vit", "resnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,23 +58,49 @@ class DINOHeadConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DINOConfig:
-  backbone: VisionConfig = VisionConfig(flavour="dino", output_dim=None, act="gelu", ln_eps=1e-6,
-                                        patch_bias=True, ln_pre=False)
+  backbone: VisionConfig | ResNetConfig = VisionConfig(
+      flavour="dino", output_dim=None, act="gelu", ln_eps=1e-6, patch_bias=True, ln_pre=False)
   head: DINOHeadConfig = DINOHeadConfig()
 
   def __post_init__(self):
-    if self.backbone.flavour != "dino":
-      raise ValueError(f"DINOConfig.backbone.flavour={self.backbone.flavour!r}; expected 'dino'")
+    if isinstance(self.backbone, VisionConfig):
+      if self.backbone.flavour != "dino":
+        raise ValueError(f"DINOConfig.backbone.flavour={self.backbone.flavour!r}; expected 'dino'")
+    elif not isinstance(self.backbone, ResNetConfig):
+      raise ValueError(f"DINOConfig.backbone is a {type(self.backbone).__name__}; expected a "
+                       "VisionConfig (DINO flavour) or a ResNetConfig")
+
+  @property
+  def backbone_type(self) -> str:
+    return "resnet" if isinstance(self.backbone, ResNetConfig) else "vit"
+
+  @property
+  def has_batch_norm(self) -> bool:
+    """True when the backbone carries BatchNorm running statistics (`batch_stats`)."""
+    return self.backbone_type == "resnet"
+
+  @property
+  def embed_dim(self) -> int:
+    """Width of the backbone features (the head's input)."""
+    if isinstance(self.backbone, ResNetConfig):
+      return self.backbone.out_features
+    return self.backbone.width
 
   def to_dict(self) -> dict[str, Any]:
-    return {"backbone": self.backbone.to_dict(), "head": self.head.to_dict()}
+    return {"backbone_type": self.backbone_type, "backbone": self.backbone.to_dict(),
+            "head": self.head.to_dict()}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "DINOConfig":
-    unknown = set(d) - {"backbone", "head"}
+    unknown = set(d) - {"backbone_type", "backbone", "head"}
     if unknown:
       raise ValueError(f"DINOConfig: unknown keys {sorted(unknown)}")
-    return cls(VisionConfig.from_dict(d.get("backbone", {})),
+    backbone_type = d.get("backbone_type", "vit")
+    if backbone_type not in BACKBONE_TYPES:
+      raise ValueError(f"DINOConfig.backbone_type={backbone_type!r}; expected one of "
+                       f"{BACKBONE_TYPES}")
+    backbone_cls = ResNetConfig if backbone_type == "resnet" else VisionConfig
+    return cls(backbone_cls.from_dict(d.get("backbone", {})),
                DINOHeadConfig.from_dict(d.get("head", {})))
 
 
@@ -117,15 +153,24 @@ class DINOHead(nn.Module):
 
 
 class DINO(nn.Module):
-  """Backbone + head; the student and the EMA teacher are two parameter sets of this module."""
+  """Backbone + head; the student and the EMA teacher are two parameter sets of this module.
+
+  With a ResNet backbone, `train=True` normalises with the statistics of the batch (of the global
+  batch under jit with a sharded batch axis: DINO's SyncBatchNorm) and, when `batch_stats` is
+  mutable, updates the running statistics once per backbone call, as torch does per forward.
+  """
   config: DINOConfig
 
   def setup(self):
-    self.backbone = VisionTransformer(self.config.backbone)
+    if isinstance(self.config.backbone, ResNetConfig):
+      self.backbone = ResNet(self.config.backbone)
+    else:
+      self.backbone = VisionTransformer(self.config.backbone)
     self.head = DINOHead(self.config.head, dtype=jnp.dtype(self.config.backbone.dtype))
 
   def features(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """Backbone class-token features [B, width] (what the aligner and zero-shot consume)."""
+    """Backbone features [B, width]: the ViT class token or the ResNet's pooled output (what the
+    aligner and zero-shot consume)."""
     return self.backbone(images, train=train)
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -135,7 +180,8 @@ class DINO(nn.Module):
                  train: bool = False) -> jax.Array:
     """Head outputs [B, V, K] for crops [B, G, H, W, 3] (+ [B, N, h, w, 3]); globals first.
 
-    As in the reference, crops of one resolution go through the backbone together.
+    As in the reference, crops of one resolution go through the backbone together (so a ResNet's
+    batch statistics are those of each resolution group, as in DINO's MultiCropWrapper).
     """
     batch = global_crops.shape[0]
     groups = [global_crops] + ([local_crops] if local_crops is not None else [])

@@ -1,0 +1,687 @@
+"""The whole AgriCLIP pipeline, offline, as one function per stage (`agriclip demo` runs them).
+
+    data      ALive-synth (`synthetic.py`): pretraining set + disjoint downstream tasks, or your
+              own ImageFolder / manifest (`--data`) and zero-shot folders (`--eval`)
+    captions  ALive-style captions through `prompts.py` (+ the synthetic writer's own captions),
+              written as a JSONL manifest the input pipeline reads
+    tokenizer byte-level BPE trained on those captions (no OpenAI vocabulary needed)
+    train     joint CLIP + DINO: one jitted step updates both models from the same batch
+    features  CLIP image embeddings, DINO (teacher) features, CLIP text embeddings of the prompts
+    align     exact least-squares aligner DINO -> CLIP on the training images' features
+    zeroshot  every task with CLIP only, aligned DINO (AgriCLIP) and their ensemble
+    report    W/report.md + PNG plots (`report.py`), W/results.json
+    export    PyTorch: HF CLIPModel directory, DINO ViT state dict, the reference aligner .pth
+
+Every stage prints its progress and wall time; the times also go to W/timings.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.py"
+METHODS = ("clip", "agriclip", "ensemble")
+
+
+def log(message: str) -> None:
+  print(f"[demo] {message}", flush=True)
+
+
+# ================================================================================================
+# Config and stage timing
+# ================================================================================================
+
+def load_config(spec: str | os.PathLike, default_arg: str = "default"):
+  """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns."""
+  text = str(spec)
+  path_text, _, arg = text.partition(":") if text.count(":") == 1 else (text, "", "")
+  path = Path(path_text)
+  if not path.is_file():
+    raise FileNotFoundError(f"demo config file {path} not found")
+  module_spec = importlib.util.spec_from_file_location(f"_demo_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} defines no get_config(arg)")
+  return module.get_config(arg or default_arg)
+
+
+def apply_overrides(config, overrides: Sequence[str]) -> None:
+  """`key.sub=value` strings; the value is parsed as JSON when it can be, else kept as text."""
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {item!r} must look like key.sub=value")
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      value = raw
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      if name not in node:
+        raise KeyError(f"override {item!r}: config has no section {name!r}")
+      node = node[name]
+    if leaf not in node:
+      raise KeyError(f"override {item!r}: config has no key {key!r}")
+    if isinstance(node[leaf], tuple) and isinstance(value, list):
+      value = tuple(value)
+    node[leaf] = value
+
+
+class StageTimer:
+  """Prints the start and wall time of each stage and keeps the times in order."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._start = time.perf_counter()
+
+  @contextlib.contextmanager
+  def stage(self, name: str, what: str) -> Iterator[None]:
+    log(f"== {name}: {what}")
+    start = time.perf_counter()
+    yield
+    self.seconds[name] = time.perf_counter() - start
+    log(f"== {name} done in {self.seconds[name]:.1f} s")
+
+  @property
+  def total(self) -> float:
+    return time.perf_counter() - self._start
+
+
+# ================================================================================================
+# Data and captions
+# ================================================================================================
+
+@dataclasses.dataclass
+class EvalTask:
+  """One zero-shot task: a labelled random-access source and its readable class names."""
+  name: str
+  kind: str
+  source: Any  # records with "label" in [0, num_classes)
+  class_names: tuple[str, ...]  # readable names, for the report
+  prompt_names: tuple[str, ...]  # what goes into the templates
+  templates: tuple[str, ...]
+  indices: np.ndarray | None = None  # the records to evaluate (None: all)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+@dataclasses.dataclass
+class DemoData:
+  train_source: Any  # records with "captions": what the joint training and the aligner see
+  captions: list[str]  # every training caption (the tokenizer's corpus)
+  tasks: list[EvalTask]
+  description: str
+
+
+def _write_jsonl(path: Path, lines: Sequence[dict]) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as handle:
+    for line in lines:
+      handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
+_DOMAIN_SUBJECT = {"crop": "plant", "fish": "fish", "livestock": "animal"}
+
+
+def synthetic_caption_metadata(entry: dict) -> "Any":
+  """One ALive-synth dataset (its metadata.json entry) as `prompts.DatasetMetadata`.
+
+  Leaf disease sets keep prompts' disease phrasing ("a maize leaf with rust"); every other set
+  (fish varieties, breeds, species) is phrased as species names over the whole class description
+  ("a trout with thin vertical bars", "a holstein cattle"), which keeps each caption grammatical.
+  """
+  from agriclip_jax import prompts, synthetic
+  domain = entry["domain"]
+  classes = []
+  if entry["task"] == "disease":
+    subject = synthetic.subject(domain, entry["classes"][0]["subject"]).readable
+    for cls in entry["classes"]:
+      healthy = cls["conditions"] == ["healthy"]
+      classes.append({"name": cls["name"], "readable": "healthy" if healthy else cls["readable"],
+                      "attributes": cls["attributes"], "healthy": healthy})
+    task = "disease"
+  else:
+    subject = _DOMAIN_SUBJECT[domain]
+    for cls in entry["classes"]:
+      readable = cls["readable"]
+      if entry["task"] == "variety":  # class "red fins" of the trout set -> "trout with red fins"
+        readable = f"{synthetic.subject(domain, cls['subject']).readable} with {readable}"
+      classes.append({"name": cls["name"], "readable": readable, "attributes": cls["attributes"]})
+    task = "species"
+  return prompts.parse_metadata({"name": entry["name"], "domain": domain, "task": task,
+                                 "subject": subject, "classes": classes},
+                                f"ALive-synth dataset {entry['name']!r}")
+
+
+def synthetic_data(workdir: Path, config) -> DemoData:
+  """Writes ALive-synth and its captioned manifest; the tasks come from tasks.json."""
+  from agriclip_jax import prompts, synthetic
+  from input_pipeline.sources import ImageFolderSource, JsonlSource
+  s = config.synthetic
+  pretrain_dir = workdir / "data" / "pretrain"
+  tasks_dir = workdir / "data" / "tasks"
+  for path in (pretrain_dir, tasks_dir):
+    if path.exists():  # a rerun in the same workdir regenerates the data from the seed
+      shutil.rmtree(path)
+  start = time.perf_counter()
+  synthetic.write_pretraining_set(pretrain_dir, s.num_images, s.image_size, config.seed)
+  specs = synthetic.write_downstream_tasks(tasks_dir, s.image_size, config.seed, s.images_per_class)
+  log(f"ALive-synth: {s.num_images} pretraining images and {len(specs)} downstream tasks at "
+      f"{s.image_size} px in {time.perf_counter() - start:.1f} s")
+
+  metadata = json.loads((pretrain_dir / "metadata.json").read_text())
+  by_dataset = {entry["name"]: synthetic_caption_metadata(entry) for entry in metadata["datasets"]}
+  class_index: dict[tuple[str, str], int] = {}
+  lines, corpus = [], []
+  with open(pretrain_dir / "manifest.jsonl", encoding="utf-8") as handle:
+    for line in handle:
+      item = json.loads(line)
+      meta = by_dataset[item["dataset"]]
+      cls = meta.class_by_name(item["class"])
+      key = item["image"]
+      bank = prompts.template_variants(meta, cls, config.captions.variants, config.seed, key)
+      # The writer's captions name the pair as the downstream templates do; the bank adds the
+      # ALive paraphrases (openings, phrasings, shuffled attributes).
+      captions = list(dict.fromkeys(item["captions"] + bank))
+      label = class_index.setdefault((item["dataset"], item["class"]), len(class_index))
+      lines.append({"image": key, "captions": captions, "label": label, "key": key})
+      corpus.extend(captions)
+  manifest = _write_jsonl(pretrain_dir / "captions.jsonl", lines)
+  log(f"captions: {len(corpus)} for {len(lines)} images ({len(corpus) / len(lines):.1f} per "
+      f"image) -> {manifest}")
+  tasks = [EvalTask(spec.name, spec.kind, ImageFolderSource(spec.path), spec.class_names,
+                    spec.class_names, (spec.template,)) for spec in specs]
+  for task, spec in zip(tasks, specs):
+    if tuple(task.source.class_names) != spec.class_folders:
+      raise ValueError(f"task {spec.name}: folders {task.source.class_names} differ from "
+                       f"tasks.json {spec.class_folders}")
+  return DemoData(JsonlSource(manifest), corpus, tasks, "ALive-synth (generated)")
+
+
+def class_prompts(folders: Sequence[str], config, metadata
+                  ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+  """(readable names, prompt names, templates) of an ImageFolder's classes.
+
+  With metadata the prompt is the class's ALive base caption without its attribute clause
+  ("a photo of a corn leaf with northern leaf blight", "a photo of a healthy corn leaf"), the
+  phrase the training captions start with; without it, the config's template over the folder name.
+  """
+  from agriclip_jax import prompts, zeroshot
+  if metadata is None:
+    names = tuple(zeroshot.clean_class_name(f) for f in folders)
+    return names, names, (config.captions.template,)
+  known = {c.name: c for c in metadata.classes}
+  missing = [f for f in folders if f not in known]
+  if missing:
+    raise ValueError(f"class folder(s) {missing} have no entry in metadata {metadata.name!r} "
+                     f"(classes: {sorted(known)})")
+  readable = tuple(known[f].readable for f in folders)
+  bare = tuple(prompts.base_caption(metadata, dataclasses.replace(known[f], attributes=()))
+               for f in folders)
+  return readable, bare, ("{}",)
+
+
+def folder_captions(class_names: Sequence[str], config, metadata, seed: int,
+                    keys: Sequence[str], labels: Sequence[int]) -> list[list[str]]:
+  """Captions per image of an ImageFolder: ALive bank from metadata, else from the folder names."""
+  from agriclip_jax import prompts, zeroshot
+  out = []
+  for key, label in zip(keys, labels):
+    folder = class_names[label]
+    if metadata is not None:
+      cls = metadata.class_by_name(folder)
+      out.append(prompts.template_variants(metadata, cls, config.captions.variants, seed, key))
+    else:
+      readable = zeroshot.clean_class_name(folder)
+      out.append(list(dict.fromkeys([prompts.simple_caption(folder),
+                                     config.captions.template.format(readable)])))
+  return out
+
+
+def own_data(workdir: Path, config, data: str, metadata_path: str | None, evals: Sequence[str],
+             holdout: float) -> DemoData:
+  """Your photos: `data` an ImageFolder (captioned here) or a captioned manifest; `evals` are
+  ImageFolders, one zero-shot task each; `holdout` > 0 keeps that share of an ImageFolder `data`
+  out of training and evaluates it as one more task."""
+  from agriclip_jax import prompts, zeroshot
+  from input_pipeline.sources import ImageFolderSource, JsonlSource, open_source
+  metadata = prompts.load_metadata(metadata_path) if metadata_path else None
+  tasks: list[EvalTask] = []
+  data_path = Path(data)
+  if data_path.is_dir() and not any(p.suffix in (".tar",) or ".array_record" in p.name
+                                    for p in data_path.iterdir() if p.is_file()):
+    folder = ImageFolderSource(data_path, captions_for_class=lambda name: [])
+    if metadata is not None:
+      unknown = [n for n in folder.class_names if n not in {c.name for c in metadata.classes}]
+      if unknown:
+        raise ValueError(f"class folder(s) {unknown} of {data_path} have no entry in metadata "
+                         f"{metadata_path}")
+    entries = [folder.entry(i) for i in range(len(folder))]
+    relative = [os.path.relpath(e["path"], data_path) for e in entries]
+    if holdout > 0:
+      held = zeroshot.eval_indices(relative, holdout, salt=f"{config.own_data.holdout_salt}-"
+                                   f"{config.seed}")
+      held_set = set(int(i) for i in held)
+      train_rows = [i for i in range(len(entries)) if i not in held_set]
+      tasks.append(EvalTask(f"{data_path.name}_heldout", "heldout_images",
+                            ImageFolderSource(data_path),
+                            *class_prompts(folder.class_names, config, metadata),
+                            np.asarray(sorted(held_set), np.int64)))
+      log(f"--holdout {holdout}: {len(held_set)} of {len(entries)} images of {data_path} held out "
+          f"for zero-shot, {len(train_rows)} train")
+    else:
+      train_rows = list(range(len(entries)))
+    keys = [entries[i]["key"] for i in train_rows]
+    labels = [entries[i]["label"] for i in train_rows]
+    captions = folder_captions(folder.class_names, config, metadata, config.seed, keys, labels)
+    lines = [{"image": os.path.abspath(entries[i]["path"]), "captions": caps, "label": lab,
+              "key": key} for i, caps, lab, key in zip(train_rows, captions, labels, keys)]
+    manifest = _write_jsonl(workdir / "data" / "captions.jsonl", lines)
+    source = JsonlSource(manifest)
+    corpus = [c for caps in captions for c in caps]
+    log(f"captions for {len(lines)} images of {data_path} "
+        f"({'metadata ' + str(metadata_path) if metadata else 'class folder names'}) -> {manifest}")
+  else:
+    if holdout > 0:
+      raise ValueError(f"--holdout needs an ImageFolder --data; {data} is a manifest or shards")
+    source = open_source(data)
+    corpus = [c for i in range(len(source)) for c in source.entry(i)["captions"]] if hasattr(
+        source, "entry") else []
+    if not corpus:
+      raise ValueError(f"{data}: no captions found to train the tokenizer on")
+  for folder_path in evals:
+    path = Path(folder_path)
+    source_eval = ImageFolderSource(path)
+    tasks.append(EvalTask(path.name, "eval_folder", source_eval,
+                          *class_prompts(source_eval.class_names, config, metadata)))
+  if not tasks:
+    raise ValueError("no zero-shot task: give --eval FOLDER (one per task) or --holdout FRACTION")
+  return DemoData(source, corpus, tasks, f"own data {data}")
+
+
+# ================================================================================================
+# Tokenizer and joint training
+# ================================================================================================
+
+def train_tokenizer(corpus: Sequence[str], config, out_dir: Path):
+  from agriclip_jax.tokenizer import train_bpe_tokenizer
+  tok = train_bpe_tokenizer(corpus, config.tokenizer.vocab_size, out_dir,
+                            min_frequency=config.tokenizer.min_frequency)
+  log(f"BPE tokenizer: {tok.vocab_size} tokens ({len(tok.merges)} merges) from "
+      f"{len(corpus)} captions -> {out_dir}")
+  return tok
+
+
+@dataclasses.dataclass
+class TrainedModels:
+  clip_config: Any  # CLIPConfig
+  clip_params: Any
+  dino_config: Any  # DINOConfig
+  dino_teacher: Any  # the EMA teacher (DINO evaluates the teacher)
+  history: list[dict[str, float]]
+  steps_per_second: float
+
+
+def _tokenize_fn(tokenizer, context_length: int) -> Callable[[list[str]], np.ndarray]:
+  return lambda texts: tokenizer.encode(texts, context_length=context_length)
+
+
+def _train_dataset(train_cfg, augment, source, tokenize):
+  from input_pipeline.pipeline import make_train_dataset
+  from input_pipeline.transforms import MultiCropConfig
+  d = train_cfg.data
+  multicrop = MultiCropConfig(
+      global_size=d.global_crop_size, local_size=d.local_crop_size, num_local=d.n_local_crops,
+      global_scale=tuple(augment.global_scale), local_scale=tuple(augment.local_scale),
+      jitter_p=augment.jitter_p, jitter=tuple(augment.jitter), grayscale_p=augment.grayscale_p,
+      blur_p=tuple(augment.blur_p), solarize_p=augment.solarize_p)
+  return make_train_dataset(source, kind="joint", global_batch_size=train_cfg.batch_size,
+                            seed=train_cfg.seed, tokenize=tokenize, image_size=d.image_size,
+                            clip_scale=tuple(augment.clip_scale), multicrop=multicrop,
+                            num_workers=d.num_workers)
+
+
+def train_joint(train_cfg, augment, source, tokenizer) -> TrainedModels:
+  """Joint CLIP + DINO training through the training core (build_task, sharded state, the jitted
+  joint step) on a one-device mesh; the Grain pipeline feeds it."""
+  import jax
+  from agriclip_jax.train import config as config_lib
+  from agriclip_jax.train import state as state_lib
+  from agriclip_jax.train import steps as steps_lib
+  from agriclip_jax.train.sharding import BATCH_AXES, make_mesh
+  from input_pipeline.pipeline import device_prefetch
+  from jax.sharding import PartitionSpec
+
+  devices = jax.devices()[:train_cfg.mesh.data * train_cfg.mesh.fsdp]
+  config_lib.validate_config(train_cfg, len(devices))
+  mesh = make_mesh(train_cfg.mesh.data, train_cfg.mesh.fsdp, devices)
+  steps_per_epoch = max(1, len(source) // train_cfg.batch_size)
+  task = state_lib.build_task(train_cfg, steps_per_epoch)
+  state, shardings = state_lib.create_sharded_state(task, mesh, train_cfg)
+  step_fn = steps_lib.jit_train_step(task, mesh, shardings, train_cfg.fast_compile)
+  log(f"joint training: CLIP {state_lib.parameter_count(state['params']['clip']):,} params, "
+      f"DINO {state_lib.parameter_count(state['params']['dino']):,} params, "
+      f"{train_cfg.total_steps} steps of {train_cfg.batch_size} "
+      f"({train_cfg.total_steps * train_cfg.batch_size / len(source):.1f} epochs of {len(source)})")
+  tokenize = _tokenize_fn(tokenizer, train_cfg.data.context_length)
+  batches = device_prefetch(iter(_train_dataset(train_cfg, augment, source, tokenize)), mesh,
+                            PartitionSpec(BATCH_AXES))
+  history = []
+  start = compiled_at = time.perf_counter()
+  for step in range(train_cfg.total_steps):
+    batch = next(batches)
+    state, metrics = step_fn(state, {k: v for k, v in batch.items() if k != "label"})
+    if step == 0:
+      jax.block_until_ready(metrics["loss"])
+      compiled_at = time.perf_counter()
+      log(f"step 1 (compile + first batch) in {compiled_at - start:.1f} s")
+    if (step + 1) % train_cfg.log_every_steps == 0 or step + 1 == train_cfg.total_steps:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      values["step"] = step + 1
+      history.append(values)
+      log(f"step {step + 1}/{train_cfg.total_steps}: contrastive {values['contrastive_loss']:.3f} "
+          f"dino {values['dino_loss']:.3f} logit scale {values['logit_scale']:.1f} "
+          f"teacher entropy {values['teacher_entropy']:.2f}/"
+          f"{values['teacher_marginal_entropy']:.2f} "
+          f"({time.perf_counter() - start:.0f} s)")
+  elapsed = time.perf_counter() - compiled_at
+  rate = (train_cfg.total_steps - 1) / elapsed if elapsed > 0 else float("nan")
+  skipped = int(jax.device_get(state["skipped"]))
+  if skipped:
+    log(f"warning: {skipped} non-finite steps were skipped")
+  bad = batches.bad_records
+  if bad is not None and bad.skipped:
+    log(f"input: {bad.describe()}")
+  host = jax.device_get(state)
+  return TrainedModels(task.clip_model.config, host["params"]["clip"], task.dino_model.config,
+                       host["teacher"]["dino"], history, rate)
+
+
+def save_models(models: TrainedModels, models_dir: Path, tokenizer_dir: Path) -> dict[str, Path]:
+  """Model directories: the CLIP (with its tokenizer), the DINO teacher (backbone + head) and its
+  backbone alone (what the aligner reads)."""
+  from agriclip_jax import model_io
+  paths = {
+      "clip": model_io.save_model_dir(models_dir / "clip", "clip", models.clip_config.to_dict(),
+                                      {"params": models.clip_params}, tokenizer_dir),
+      "dino": model_io.save_model_dir(models_dir / "dino", "dino", models.dino_config.to_dict(),
+                                      {"params": models.dino_teacher}),
+      "dino_backbone": model_io.save_model_dir(
+          models_dir / "dino_backbone", "vit", models.dino_config.backbone.to_dict(),
+          {"params": models.dino_teacher["backbone"]}),
+  }
+  for name, path in paths.items():
+    log(f"model directory {name}: {path}")
+  return paths
+
+
+# ================================================================================================
+# Features, aligner, zero-shot
+# ================================================================================================
+
+@dataclasses.dataclass
+class Encoders:
+  clip: Any  # features.ClipEncoders
+  dino: Any  # features.ImageEncoder
+
+  def images(self, source, indices, batch_size: int, desc: str):
+    from agriclip_jax import features
+    return features.encode_source(source, indices, [self.clip.image, self.dino], batch_size,
+                                  mesh=features.data_mesh(_one_device()), desc=desc)
+
+
+def _one_device():
+  import jax
+  return jax.devices()[:1]
+
+
+def load_encoders(paths: dict[str, Path], batch_size: int) -> Encoders:
+  from agriclip_jax import features
+  mesh = features.data_mesh(_one_device())
+  return Encoders(features.clip_model_encoders(paths["clip"], batch_size, mesh),
+                  features.dino_model_encoder(paths["dino_backbone"]))
+
+
+def fit_aligner(encoders: Encoders, source, config):
+  """Exact least squares DINO -> CLIP image embeddings on the training images."""
+  from agriclip_jax import align
+  encoded = encoders.images(source, np.arange(len(source)), config.features.batch_size,
+                            "aligner features")
+  dino, clip = encoded.features["dino"], encoded.features["clip_image"]
+  result = align.fit_exact(align.iterate_chunks(dino, clip), ridge=config.align.ridge,
+                           holdout=config.align.holdout, seed=config.seed)
+  log(f"aligner {dino.shape[1]} -> {clip.shape[1]} on {len(dino)} images: ridge {result.ridge:g}, "
+      f"R^2 fit {result.metrics['fit']['r2']:.3f}"
+      + (f", held-out {result.metrics['heldout']['r2']:.3f}" if "heldout" in result.metrics else ""))
+  return result
+
+
+def evaluate_task(task: EvalTask, encoders: Encoders, aligner, config) -> list[dict[str, Any]]:
+  """Report rows (one per method) of one zero-shot task."""
+  from agriclip_jax import zeroshot
+  indices = task.indices if task.indices is not None else np.arange(len(task.source))
+  encoded = encoders.images(task.source, indices, config.features.batch_size, task.name)
+  if encoded.skipped:
+    log(f"task {task.name}: {sum(encoded.skipped.values())} images could not be read: "
+        f"{encoded.skipped}")
+  class_emb = zeroshot.class_embeddings(list(task.prompt_names), list(task.templates),
+                                        encoders.clip.encode_text)
+  metrics = zeroshot.evaluate(class_emb, encoded.labels, task.class_names,
+                              encoded.features["clip_image"], encoded.features["dino"], aligner,
+                              METHODS, config.zeroshot.ensemble_weight, encoders.clip.logit_scale)
+  rows = []
+  for method in METHODS:
+    rows.append({"task": task.name, "method": method, "kind": task.kind,
+                 "num_classes": task.num_classes, "chance": chance_level(encoded.labels,
+                                                                         task.num_classes),
+                 **metrics[method]})
+  log(f"task {task.name} ({task.num_classes} classes, {len(encoded.labels)} images): "
+      + ", ".join(f"{m} {100 * metrics[m]['top1']:.1f}%" for m in METHODS)
+      + f" (chance {100 * rows[0]['chance']:.1f}%)")
+  return rows
+
+
+def chance_level(labels: np.ndarray, num_classes: int) -> float:
+  """Top-1 of a guess that ignores the image (uniform over the classes): 1 / K."""
+  del labels  # balanced or not, a uniform guess is right 1 / K of the time in expectation
+  return 1.0 / num_classes
+
+
+def results_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """The results.json shape scripts rely on: {"tasks": {TASK: {"num_classes", "chance",
+  "accuracy": {method: top-1}, ...}}, "mean": {method: ..., "chance": ...}}."""
+  tasks: dict[str, dict[str, Any]] = {}
+  for row in rows:
+    entry = tasks.setdefault(row["task"], {"num_classes": row["num_classes"],
+                                           "chance": row["chance"], "accuracy": {},
+                                           "balanced_accuracy": {}, "num_images": row["num_images"],
+                                           "kind": row["kind"]})
+    entry["accuracy"][row["method"]] = row["top1"]
+    entry["balanced_accuracy"][row["method"]] = row["balanced_accuracy"]
+  mean = {m: float(np.mean([t["accuracy"][m] for t in tasks.values()])) for m in METHODS}
+  mean["chance"] = float(np.mean([t["chance"] for t in tasks.values()]))
+  return {"tasks": tasks, "mean": mean}
+
+
+# ================================================================================================
+# Report and export
+# ================================================================================================
+
+def _comparison_lines(document: dict[str, Any]) -> list[str]:
+  tasks = document["tasks"]
+  better = [n for n, t in tasks.items() if t["accuracy"]["agriclip"] > t["accuracy"]["clip"]]
+  worse = [n for n, t in tasks.items() if t["accuracy"]["agriclip"] < t["accuracy"]["clip"]]
+  mean = document["mean"]
+  return [f"- Aligned DINO (AgriCLIP) beats CLIP only on {len(better)} of {len(tasks)} tasks"
+          + (f": {', '.join(better)}" if better else "") + ".",
+          f"- CLIP only beats AgriCLIP on {len(worse)} of {len(tasks)} tasks"
+          + (f": {', '.join(worse)}" if worse else "") + ".",
+          f"- Mean over tasks: CLIP {100 * mean['clip']:.1f}%, AgriCLIP {100 * mean['agriclip']:.1f}%, "
+          f"ensemble {100 * mean['ensemble']:.1f}%, chance {100 * mean['chance']:.1f}% "
+          f"(AgriCLIP / chance = {mean['agriclip'] / mean['chance']:.2f}x)."]
+
+
+def plot_training(history: list[dict[str, float]], path: Path) -> Path | None:
+  if not history:
+    return None
+  from agriclip_jax.report import _pyplot
+  plt = _pyplot()
+  steps = [h["step"] for h in history]
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+  axes[0].plot(steps, [h["contrastive_loss"] for h in history])
+  axes[0].set_title("CLIP contrastive loss")
+  axes[1].plot(steps, [h["dino_loss"] for h in history], color="tab:orange")
+  axes[1].set_title("DINO loss")
+  for ax in axes:
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_report(workdir: Path, rows: list[dict[str, Any]], document: dict[str, Any],
+                 timer: StageTimer, summary: dict[str, Any], history: list[dict[str, float]]) -> Path:
+  """report.md (tables + plots from report.py) headed by the demo's own summary."""
+  from agriclip_jax import report, zeroshot
+  report.write_report({"results": rows, "mean": zeroshot.suite_means(rows)}, workdir)
+  tables = (workdir / "report.md").read_text()
+  tables = tables.split("\n", 1)[1] if tables.startswith("# ") else tables
+  plot_training(history, workdir / "training.png")
+  lines = ["# AgriCLIP demo report", "", f"Data: {summary['data']}.", "",
+           "## Zero-shot accuracy with chance", "",
+           "| task | classes | images | chance | CLIP | AgriCLIP | ensemble |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  for name, t in document["tasks"].items():
+    a = t["accuracy"]
+    lines.append(f"| {name} | {t['num_classes']} | {t['num_images']} | {100 * t['chance']:.1f} | "
+                 f"{100 * a['clip']:.1f} | {100 * a['agriclip']:.1f} | {100 * a['ensemble']:.1f} |")
+  m = document["mean"]
+  lines += [f"| **mean** | | | {100 * m['chance']:.1f} | {100 * m['clip']:.1f} | "
+            f"{100 * m['agriclip']:.1f} | {100 * m['ensemble']:.1f} |", "",
+            *_comparison_lines(document), "",
+            "## Pipeline", "",
+            f"- Training: {summary['train']}", f"- Aligner: {summary['aligner']}",
+            f"- Exports: {summary.get('exports', 'none')}", "",
+            "![training](training.png)", "",
+            "| stage | wall time (s) |", "|---|---:|"]
+  lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timer.seconds.items()]
+  lines += [f"| **total** | {timer.total:.1f} |", ""]
+  path = workdir / "report.md"
+  path.write_text("\n".join(lines) + "\n" + tables)
+  return path
+
+
+def export_pytorch(paths: dict[str, Path], aligner, export_dir: Path) -> dict[str, Path]:
+  """PyTorch files through the converters: HF CLIPModel directory, DINO ViT state dict (DINO's
+  names), the reference aligner .pth {'W', 'b'}."""
+  from agriclip_jax import model_io
+  from agriclip_jax.convert import registry
+  export_dir.mkdir(parents=True, exist_ok=True)
+  out = {"clip_hf": export_dir / "clip_hf", "dino_vit": export_dir / "dino_vit.pth",
+         "aligner": export_dir / "aligner.pth"}
+  registry.convert(paths["clip"], "flax", out["clip_hf"], "hf")
+  registry.convert(paths["dino_backbone"], "flax", out["dino_vit"], "dino-vit")
+  aligner_dir = model_io.save_model_dir(
+      paths["clip"].parent / "aligner", "linear_aligner",
+      {"in_dim": aligner.in_dim, "out_dim": aligner.out_dim},
+      {"params": {"kernel": np.ascontiguousarray(aligner.weight.T), "bias": aligner.bias}})
+  registry.convert(aligner_dir, "flax", out["aligner"], "agriclip-aligner")
+  for name, path in out.items():
+    log(f"export {name}: {path}")
+  return out
+
+
+# ================================================================================================
+# The whole run
+# ================================================================================================
+
+@dataclasses.dataclass
+class DemoOptions:
+  workdir: Path
+  data: str | None = None
+  metadata: str | None = None
+  evals: tuple[str, ...] = ()
+  holdout: float = 0.0
+  export: bool = True
+
+
+def run_demo(options: DemoOptions, config) -> dict[str, Any]:
+  """Runs every stage; returns the results document (also written to W/results.json)."""
+  workdir = Path(options.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timer = StageTimer()
+  summary: dict[str, Any] = {}
+  with timer.stage("data", "images and captions"):
+    if options.data is None:
+      if options.evals or options.metadata or options.holdout:
+        raise ValueError("--eval, --metadata and --holdout apply to your own --data")
+      data = synthetic_data(workdir, config)
+    else:
+      data = own_data(workdir, config, options.data, options.metadata, options.evals,
+                      options.holdout)
+    summary["data"] = (f"{data.description}: {len(data.train_source)} training images, "
+                       f"{len(data.tasks)} zero-shot tasks")
+  with timer.stage("tokenizer", "BPE trained on the captions"):
+    tokenizer_dir = workdir / "tokenizer"
+    tokenizer = train_tokenizer(data.captions, config, tokenizer_dir)
+  train_cfg = config.train.copy_and_resolve_references()
+  with train_cfg.unlocked():
+    train_cfg.clip.vocab_size = tokenizer.vocab_size
+  with timer.stage("train", "joint CLIP + DINO"):
+    models = train_joint(train_cfg, config.augment, data.train_source, tokenizer)
+    paths = save_models(models, workdir / "models", tokenizer_dir)
+    summary["train"] = (f"{train_cfg.total_steps} joint steps of batch {train_cfg.batch_size} at "
+                        f"{train_cfg.data.image_size} px ({models.steps_per_second:.2f} steps/s "
+                        f"after compilation)")
+  with timer.stage("align", "features of the training images and the exact aligner"):
+    encoders = load_encoders(paths, config.features.batch_size)
+    fitted = fit_aligner(encoders, data.train_source, config)
+    aligner = fitted.aligner
+    summary["aligner"] = (f"exact least squares, ridge {fitted.ridge:g}, R^2 fit "
+                          f"{fitted.metrics['fit']['r2']:.3f}" +
+                          (f", held-out {fitted.metrics['heldout']['r2']:.3f}"
+                           if "heldout" in fitted.metrics else ""))
+  with timer.stage("zeroshot", f"{len(data.tasks)} tasks x {len(METHODS)} methods"):
+    rows = [row for task in data.tasks for row in evaluate_task(task, encoders, aligner, config)]
+    document = results_document(rows)
+  if options.export:
+    with timer.stage("export", "PyTorch: HF CLIP, DINO ViT state dict, aligner .pth"):
+      exports = export_pytorch(paths, aligner, workdir / "export")
+      summary["exports"] = ", ".join(f"`{p.relative_to(workdir)}`" for p in exports.values())
+  with timer.stage("report", "report.md, plots, results.json"):
+    _write_json(workdir / "results.json", document)
+    _write_json(workdir / "rows.json", {"results": rows})
+    write_report(workdir, rows, document, timer, summary, models.history)
+  timings = dict(timer.seconds, total=timer.total)
+  _write_json(workdir / "timings.json", timings)
+  for line in _comparison_lines(document):
+    log(line[2:])
+  log(f"total {timer.total:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items())
+      + f" -> {workdir / 'report.md'}")
+  return document
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=1) + "\n")
+  os.replace(tmp, path)
+  return path

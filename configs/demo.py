@@ -1,0 +1,102 @@
+"""`agriclip demo` sizes: `configs/demo.py[:default|quick|real|real_quick]`.
+
+- default:    ALive-synth at 64 px, tiny CLIP + tiny DINO trained jointly on 2 CPU cores; the whole
+              demo (data, training, features, aligner, zero-shot, report, export) in < 15 minutes.
+- quick:      the same pipeline, smaller everything, for the end-to-end test (well under 2 minutes).
+- real:       your own photos (`--data` / `--eval`): images resized to 64 px.
+- real_quick: `real` at test size.
+
+Sections: `synthetic` (generated data), `captions`, `tokenizer`, `train` (a full training config,
+the same keys as `agriclip train` configs: configs/tiny.py), `features`, `align`, `zeroshot`,
+`own_data`. Measured sizes and times are in BENCHMARKS.md; change them together with those numbers.
+"""
+
+import ml_collections
+
+from agriclip_jax.train.config import default_config
+
+ARGS = ("default", "quick", "real", "real_quick")
+
+
+def _train_config(steps: int, batch_size: int, image_size: int) -> ml_collections.ConfigDict:
+  """Joint CLIP + DINO training of the tiny towers on one CPU device."""
+  c = default_config()
+  c.kind = "joint"
+  c.batch_size = batch_size
+  c.total_steps = steps
+  c.log_every_steps = max(1, steps // 10)
+  c.checkpoint_every_steps = steps
+  c.fast_compile = False
+  c.mesh.data = 1
+  c.sharding.min_size = 2 ** 30  # tiny params: replicate everything
+  c.data.source = "demo"  # the demo hands the train step its own captioned source
+  c.data.image_size = image_size
+  c.data.context_length = 32  # captions are short; 77 would only add padding
+  c.data.global_crop_size = image_size
+  c.data.local_crop_size = image_size // 2
+  c.data.n_local_crops = 2
+  c.clip.variant = "tiny"
+  c.clip.vocab_size = 0  # set from the trained tokenizer
+  c.clip.sharded_loss = False
+  c.clip.optimizer.lr = 1e-3
+  c.clip.optimizer.min_lr = 1e-5
+  c.clip.optimizer.warmup_steps = max(1, steps // 20)
+  c.clip.optimizer.weight_decay = 0.05
+  c.dino.variant = "tiny"
+  c.dino.out_dim = 256
+  c.dino.hidden_dim = 256
+  c.dino.bottleneck_dim = 64
+  c.dino.drop_path_rate = 0.0
+  c.dino.teacher_temp = 0.04
+  c.dino.teacher_momentum = 0.99
+  c.dino.freeze_last_layer_epochs = 0
+  c.dino.optimizer.lr = 1e-3
+  c.dino.optimizer.min_lr = 1e-5
+  c.dino.optimizer.warmup_steps = max(1, steps // 20)
+  c.dino.optimizer.weight_decay = 0.04
+  c.dino.optimizer.weight_decay_end = 0.1
+  return c
+
+
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+  if arg not in ARGS:
+    raise ValueError(f"configs/demo.py:{arg}: expected one of {ARGS}")
+  quick = arg.endswith("quick")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.synthetic = ml_collections.ConfigDict(dict(
+      num_images=600 if quick else 3000,  # pretraining set (ALive-synth)
+      image_size=64,
+      images_per_class=20 if quick else 30))  # per class of each downstream task
+  c.captions = ml_collections.ConfigDict(dict(
+      variants=3,  # ALive bank paraphrases per image (agriclip_jax.prompts), besides the writer's
+      # Own data without --metadata: captions and zero-shot prompts from the class folder names.
+      template="a photo of a {} leaf"))
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1024, min_frequency=2))
+  if arg == "default":
+    c.train = _train_config(steps=1200, batch_size=64, image_size=64)
+  elif arg == "quick":
+    c.train = _train_config(steps=400, batch_size=32, image_size=32)
+    c.train.clip.optimizer.lr = c.train.dino.optimizer.lr = 2e-3
+  elif arg == "real":
+    c.train = _train_config(steps=600, batch_size=64, image_size=64)
+  else:
+    c.train = _train_config(steps=60, batch_size=32, image_size=32)
+  c.train.seed = c.seed
+  # DINO multi-crop: the reference recipe is colour-invariant (jitter p 0.8, grayscale p 0.2), but
+  # here colours name classes (fin colour, coat, chlorosis) and PIL jitter is the dearest part of
+  # the input pipeline on 2 cores, so both are turned down.
+  c.augment = ml_collections.ConfigDict(dict(
+      global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), jitter_p=0.3,
+      jitter=(0.3, 0.3, 0.1, 0.0), grayscale_p=0.0, blur_p=(0.5, 0.1, 0.2), solarize_p=0.0,
+      clip_scale=(0.8, 1.0)))
+  if quick:
+    c.augment.jitter_p = 0.0  # the dearest augmentation; the quick run cannot afford it
+  c.features = ml_collections.ConfigDict(dict(batch_size=128))
+  c.align = ml_collections.ConfigDict(dict(ridge="auto", holdout=0.1))
+  c.zeroshot = ml_collections.ConfigDict(dict(ensemble_weight=0.5))
+  c.own_data = ml_collections.ConfigDict(dict(
+      # `--holdout F`: this fraction of --data (by a seeded hash of each path) is held out of
+      # training and evaluated as one more zero-shot task.
+      holdout_salt="agriclip-demo"))
+  return c

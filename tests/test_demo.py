@@ -1,0 +1,262 @@
+"""`agriclip demo`: the quick demo end to end, its files, the PyTorch exports, and accuracy above
+chance on every downstream task; plus the pieces of the own-data path that need no training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agriclip_jax import demo
+
+METHODS = ("clip", "agriclip", "ensemble")
+# Thresholds measured with configs/demo.py:quick over seeds 0, 1, 2 (each seed also changes the
+# generated data). Worst seed in brackets.
+# - Every task rendered in the pretraining style (held-out images, held-out subject x condition
+#   pairs): the best method at least 2 points above chance [+4 points: bean leaf disease, seed 1;
+#   the other five tasks +12 points or more].
+PER_TASK_MARGIN = 0.02
+# - Mean CLIP top-1 over the tasks of one kind, as a multiple of their mean chance:
+#   held-out images [1.95x], held-out combinations [2.45x].
+CLIP_OVER_CHANCE = {"heldout_images": 1.6, "heldout_combinations": 2.0}
+# - AgriCLIP (aligned DINO) on the held-out images, mean over the tasks [1.22x chance].
+AGRICLIP_OVER_CHANCE = 1.1
+# The style-shift tasks (other backgrounds and lighting) stay near chance at this size (13-24 %
+# for a 20 % chance): they are reported, not asserted; BENCHMARKS.md has the default-size numbers.
+IN_STYLE_KINDS = ("heldout_images", "heldout_combinations")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo")
+  config = demo.load_config(demo.DEFAULT_CONFIG, "quick")
+  document = demo.run_demo(demo.DemoOptions(workdir), config)
+  return workdir, document
+
+
+def _is_png(path: Path) -> bool:
+  return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_demo_writes_report_plots_and_timings(quick_run):
+  workdir, document = quick_run
+  report = (workdir / "report.md").read_text()
+  for task in document["tasks"]:
+    assert f"| {task} |" in report
+  assert "AgriCLIP" in report and "chance" in report
+  for png in ("accuracy.png", "training.png"):
+    assert _is_png(workdir / png), png
+    assert f"]({png})" in report
+  confusions = sorted((workdir / "confusion").glob("*.png"))
+  assert len(confusions) == len(document["tasks"]) * len(METHODS)
+  assert all(_is_png(p) for p in confusions)
+  timings = json.loads((workdir / "timings.json").read_text())
+  assert {"data", "tokenizer", "train", "align", "zeroshot", "export", "report"} <= set(timings)
+  assert timings["total"] >= sum(v for k, v in timings.items() if k != "total") - 1e-6
+
+
+def test_results_json_has_exactly_the_promised_shape(quick_run):
+  workdir, document = quick_run
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(document))
+  assert set(on_disk) == {"tasks", "mean"}
+  assert set(on_disk["mean"]) == {"clip", "agriclip", "ensemble", "chance"}
+  specs = json.loads((workdir / "data" / "tasks" / "tasks.json").read_text())["tasks"]
+  assert list(on_disk["tasks"]) == [t["name"] for t in specs]
+  for spec in specs:
+    entry = on_disk["tasks"][spec["name"]]
+    assert entry["num_classes"] == spec["num_classes"]
+    assert entry["chance"] == pytest.approx(1.0 / spec["num_classes"])
+    assert set(entry["accuracy"]) == set(METHODS)
+    assert all(0.0 <= a <= 1.0 for a in entry["accuracy"].values())
+  for method in METHODS:
+    expected = np.mean([t["accuracy"][method] for t in on_disk["tasks"].values()])
+    assert on_disk["mean"][method] == pytest.approx(expected)
+  assert on_disk["mean"]["chance"] == pytest.approx(
+      np.mean([1.0 / t["num_classes"] for t in specs]))
+
+
+def test_accuracy_comes_from_the_saved_predictions(quick_run):
+  # Each accuracy is the trace of the task's confusion matrix over its images (rows.json), so the
+  # summary cannot drift from what was actually predicted.
+  workdir, document = quick_run
+  rows = json.loads((workdir / "rows.json").read_text())["results"]
+  for row in rows:
+    confusion = np.asarray(row["confusion"])
+    assert confusion.sum() == row["num_images"]
+    assert document["tasks"][row["task"]]["accuracy"][row["method"]] == pytest.approx(
+        np.trace(confusion) / confusion.sum())
+
+
+def _mean_over_kind(tasks: dict, kind: str, key: str) -> float:
+  chosen = [t for t in tasks.values() if t["kind"] == kind]
+  assert chosen, kind
+  return float(np.mean([t["chance"] if key == "chance" else t["accuracy"][key] for t in chosen]))
+
+
+def test_zero_shot_beats_chance_on_the_in_style_tasks(quick_run):
+  _, document = quick_run
+  tasks = document["tasks"]
+  assert {t["kind"] for t in tasks.values()} == {*IN_STYLE_KINDS, "style_shift"}
+  for name, task in tasks.items():
+    if task["kind"] in IN_STYLE_KINDS:
+      assert max(task["accuracy"].values()) >= task["chance"] + PER_TASK_MARGIN, (name, task)
+  for kind, factor in CLIP_OVER_CHANCE.items():
+    clip, chance = _mean_over_kind(tasks, kind, "clip"), _mean_over_kind(tasks, kind, "chance")
+    assert clip >= factor * chance, (kind, clip, chance)
+  agriclip = _mean_over_kind(tasks, "heldout_images", "agriclip")
+  chance = _mean_over_kind(tasks, "heldout_images", "chance")
+  assert agriclip >= AGRICLIP_OVER_CHANCE * chance, (agriclip, chance)
+
+
+def test_exports_load_in_pytorch_and_match_the_flax_models(quick_run):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from agriclip_jax import features
+  workdir, _ = quick_run
+  export = workdir / "export"
+  hf = transformers.CLIPModel.from_pretrained(export / "clip_hf").eval()
+  encoders = features.clip_model_encoders(workdir / "models" / "clip", batch_size=8,
+                                          mesh=features.data_mesh(__import__("jax").devices()[:1]))
+  size = hf.config.vision_config.image_size
+  images = np.random.default_rng(0).normal(size=(3, size, size, 3)).astype(np.float32)
+  ours = features.apply_in_batches(encoders.image.apply, images, 8,
+                                   features.data_mesh(__import__("jax").devices()[:1]),
+                                   params=encoders.image.params)
+  with torch.no_grad():
+    theirs = hf.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+  theirs = getattr(theirs, "pooler_output", theirs)  # newer transformers return an output object
+  np.testing.assert_allclose(np.asarray(theirs), ours, rtol=1e-3, atol=1e-4)
+
+  state = torch.load(export / "dino_vit.pth", map_location="cpu", weights_only=True)
+  assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"} <= set(state)
+  assert any(k.startswith("blocks.0.attn.qkv") for k in state)
+
+  saved = torch.load(export / "aligner.pth", map_location="cpu", weights_only=True)
+  assert set(saved) == {"W", "b"}
+  width = state["norm.weight"].shape[0]
+  assert tuple(saved["W"].shape) == (hf.config.projection_dim, width)
+  assert tuple(saved["b"].shape) == (hf.config.projection_dim,)
+  fitted = features.load_aligner_any(workdir / "models" / "aligner")
+  np.testing.assert_array_equal(saved["W"].numpy(), fitted.weight)
+  np.testing.assert_array_equal(saved["b"].numpy(), fitted.bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces without training
+# ------------------------------------------------------------------------------------------------
+
+def test_results_document_averages_tasks_and_keeps_chance():
+  rows = []
+  for task, k, accs in (("a", 4, (0.5, 0.75, 0.25)), ("b", 2, (1.0, 0.5, 0.5))):
+    for method, acc in zip(METHODS, accs):
+      rows.append({"task": task, "method": method, "kind": "x", "num_classes": k,
+                   "chance": 1.0 / k, "top1": acc, "balanced_accuracy": acc, "num_images": 8})
+  document = demo.results_document(rows)
+  assert document["mean"] == pytest.approx({"clip": 0.75, "agriclip": 0.625, "ensemble": 0.375,
+                                            "chance": 0.375})
+  assert document["tasks"]["a"]["accuracy"] == {"clip": 0.5, "agriclip": 0.75, "ensemble": 0.25}
+
+
+def test_synthetic_metadata_becomes_grammatical_alive_captions():
+  from agriclip_jax import prompts, synthetic
+  entries = {d.name: d for d in synthetic.pretraining_datasets()}
+  raw = {"name": "trout_variety", "domain": "fish", "task": "variety", "classes": [
+      {"name": c.name, "readable": c.readable, "attributes": list(c.attributes),
+       "subject": c.subject.name, "conditions": [x.name for x in c.conditions]}
+      for c in entries["trout_variety"].classes]}
+  meta = demo.synthetic_caption_metadata(raw)
+  for cls in meta.classes:
+    assert cls.readable.startswith("trout with ")
+    for caption in prompts.template_variants(meta, cls, 4, 0, "key"):
+      assert cls.readable in caption
+  leaf = entries["bean_leaf_disease"]
+  raw = {"name": leaf.name, "domain": "crop", "task": "disease", "classes": [
+      {"name": c.name, "readable": c.readable, "attributes": list(c.attributes),
+       "subject": c.subject.name, "conditions": [x.name for x in c.conditions]}
+      for c in leaf.classes]}
+  meta = demo.synthetic_caption_metadata(raw)
+  assert meta.subject == "bean leaf"
+  healthy = [c for c in meta.classes if c.healthy]
+  assert len(healthy) == 1 and prompts.base_caption(meta, healthy[0]).startswith(
+      "a photo of a healthy bean leaf")
+
+
+def _tiny_folder(root: Path, classes: dict[str, int]) -> Path:
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for name, count in classes.items():
+    (root / name).mkdir(parents=True)
+    for i in range(count):
+      Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+  return root
+
+
+def test_own_data_holdout_split_is_disjoint_and_captions_follow_metadata(tmp_path):
+  config = demo.load_config(demo.DEFAULT_CONFIG, "real_quick")
+  data = _tiny_folder(tmp_path / "lab", {"Blight": 12, "Healthy": 12})
+  evals = _tiny_folder(tmp_path / "field", {"Blight": 3})
+  metadata = tmp_path / "meta.json"
+  metadata.write_text(json.dumps({"name": "corn", "domain": "crop", "task": "disease",
+                                  "subject": "corn leaf", "classes": {
+                                      "Blight": {"readable": "northern leaf blight"},
+                                      "Healthy": {"readable": "healthy", "healthy": True}}}))
+  own = demo.own_data(tmp_path / "w", config, str(data), str(metadata), [str(evals)], 0.5)
+  held, field = own.tasks
+  assert field.prompt_names == ("a photo of a corn leaf with northern leaf blight",)
+  assert held.prompt_names == ("a photo of a corn leaf with northern leaf blight",
+                               "a photo of a healthy corn leaf")
+  train_paths = {Path(own.train_source.entry(i)["path"]).resolve()
+                 for i in range(len(own.train_source))}
+  held_paths = {Path(held.source.entry(int(i))["path"]).resolve() for i in held.indices}
+  assert not train_paths & held_paths
+  assert len(train_paths) + len(held_paths) == 24
+  assert 0 < len(held_paths) < 24
+  for i in range(len(own.train_source)):
+    entry = own.train_source.entry(i)
+    name = "northern leaf blight" if "Blight" in entry["path"] else "healthy"
+    assert all(name in caption for caption in entry["captions"])
+
+
+def test_own_data_without_metadata_uses_folder_names(tmp_path):
+  config = demo.load_config(demo.DEFAULT_CONFIG, "real_quick")
+  data = _tiny_folder(tmp_path / "lab", {"Gray_Leaf_Spot": 2, "Healthy": 2})
+  own = demo.own_data(tmp_path / "w", config, str(data), None, [str(data)], 0.0)
+  (task,) = own.tasks
+  assert task.class_names == ("gray leaf spot", "healthy")
+  assert task.templates == (config.captions.template,)
+  assert any("gray leaf spot" in c for c in own.captions)
+
+
+def test_bad_inputs_are_named(tmp_path):
+  config = demo.load_config(demo.DEFAULT_CONFIG, "real_quick")
+  data = _tiny_folder(tmp_path / "lab", {"Rust": 2})
+  metadata = tmp_path / "meta.json"
+  metadata.write_text(json.dumps({"name": "corn", "domain": "crop", "task": "disease",
+                                  "classes": {"Blight": {}}}))
+  with pytest.raises(ValueError, match="Rust"):
+    demo.own_data(tmp_path / "w", config, str(data), str(metadata), [], 0.0)
+  with pytest.raises(ValueError, match="no zero-shot task"):
+    demo.own_data(tmp_path / "w2", config, str(data), None, [], 0.0)
+  with pytest.raises(KeyError, match="train.nope"):
+    demo.apply_overrides(config, ["train.nope=3"])
+  demo.apply_overrides(config, ["train.total_steps=7", "augment.jitter=[0.1, 0.1, 0.1, 0.0]"])
+  assert config.train.total_steps == 7 and config.augment.jitter == (0.1, 0.1, 0.1, 0.0)
+  with pytest.raises(ValueError, match="configs/demo.py:nope"):
+    demo.load_config(demo.DEFAULT_CONFIG, "nope")
+
+
+def test_command_rejects_bad_flags_with_exit_code_2(tmp_path, capsys):
+  import argparse
+  from agriclip_jax.commands import demo as command
+  parser = argparse.ArgumentParser()
+  command.add_arguments(parser)
+  assert command.run(parser.parse_args(["--workdir", str(tmp_path), "--holdout", "1.5"])) == 2
+  assert "--holdout" in capsys.readouterr().err
+  # --eval belongs to your own --data; on the generated data it is refused before any work.
+  assert command.run(parser.parse_args(["--workdir", str(tmp_path), "--eval", str(tmp_path)])) == 2
+  assert "--data" in capsys.readouterr().err
+  assert command.run(parser.parse_args(["--workdir", str(tmp_path), "--set", "train.bogus=1"])) == 2
+  assert "train.bogus" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""Two processes on 127.0.0.1 (gloo CPU collectives, 4 simulated devices each) train with the
+same losses as one process with 8 devices and the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def _args(kind: str, workdir: Path) -> list[str]:
+  return [sys.executable, "-m", "agriclip_jax", "train", "--workdir", str(workdir),
+          "--config", str(REPO / f"configs/tiny.py:{kind}"), f"--config.total_steps={STEPS}",
+          "--config.log_every_steps=1", f"--config.checkpoint_every_steps={STEPS}",
+          "--config.batch_size=8", "--config.mesh.data=4", "--config.mesh.fsdp=2",
+          "--config.clip.layers=1", "--config.dino.layers=1", "--config.tensorboard=False",
+          "--config.async_checkpoints=False"]
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO))
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _losses(workdir: Path) -> list[float]:
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line)["loss"] for line in lines]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  kind = "contrastive"  # the sharded InfoNCE gathers across the two processes
+  single = subprocess.run(_args(kind, tmp_path / "single"), cwd=REPO, env=_env(8),
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-3000:]
+
+  port = _free_port()
+  workdir = tmp_path / "multi"
+  processes = [subprocess.Popen(_args(kind, workdir) + [
+      "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+      "--cpu-collectives", "gloo"], cwd=REPO, env=_env(4), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  try:
+    for process in processes:
+      outputs.append(process.communicate(timeout=600)[0])
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  for process, out in zip(processes, outputs):
+    assert process.returncode == 0, out[-3000:]
+  assert "2 process(es)" in outputs[0]
+
+  single_losses, multi_losses = _losses(tmp_path / "single"), _losses(workdir)
+  assert len(single_losses) == len(multi_losses) == STEPS
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5, atol=1e-6)
+  # Both processes took part in the checkpoint.
+  assert (workdir / "checkpoints" / str(STEPS)).is_dir()
+
+
+def test_a_dead_process_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+  import time
+  heartbeat = 10
+  port = _free_port()
+  args = _args("contrastive", tmp_path) + [
+      "--config.total_steps=100000", "--config.mesh.data=-1", "--config.mesh.fsdp=1",
+      f"--config.distributed.heartbeat_timeout_seconds={heartbeat}",
+      "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--cpu-collectives", "gloo"]
+  processes = [subprocess.Popen(args + ["--process-id", str(i)], cwd=REPO, env=_env(2),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+  try:
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+      assert time.time() < deadline and processes[0].poll() is None, "the run did not start"
+      time.sleep(0.05)
+    processes[1].kill()
+    killed_at = time.time()
+    out, _ = processes[0].communicate(timeout=heartbeat + 60)
+    waited = time.time() - killed_at
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  # A clear error instead of a hang: JAX's coordination service names the dead task.
+  assert processes[0].returncode != 0
+  assert waited < heartbeat + 60
+  assert "another task died" in out or "unhealthy" in out, out[-2000:]
