@@ -119,10 +119,12 @@ class WeightNormPrototypes(nn.Module):
     in_dim = x.shape[-1]
     bound = in_dim ** -0.5  # torch nn.Linear's default init of the direction v.
     kernel_v = self.param("kernel_v", _uniform(bound), (in_dim, self.out_dim))
-    kernel = kernel_v / jnp.linalg.norm(kernel_v, axis=0, keepdims=True)
+    # x @ (v / ||v||) == (x @ v) / ||v||: scaling the [B, K] output instead of the [D, K] kernel
+    # avoids materialising a second K-wide kernel, which dominated the CPU profile of the step.
+    scale = 1.0 / jnp.linalg.norm(kernel_v, axis=0)
     if not self.norm_fixed:
-      kernel = kernel * self.param("kernel_g", nn.initializers.ones, (self.out_dim,))
-    return x @ kernel.astype(x.dtype)
+      scale = scale * self.param("kernel_g", nn.initializers.ones, (self.out_dim,))
+    return (x @ kernel_v.astype(x.dtype)) * scale.astype(x.dtype)
 
 
 def _uniform(bound: float):

@@ -7,7 +7,8 @@ Parameter names mirror the open_clip layout (`ln_1`, `attn/qkv`, `attn/out`, `ln
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,24 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def compute_dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
+
+
+# What a rematerialised block keeps from its forward pass for the backward pass
+# (`jax.checkpoint_policies`). "nothing_saveable" (the default) keeps only each block's input and
+# recomputes the rest: the least memory, one extra forward. "dots_with_no_batch_dims_saveable"
+# keeps the outputs of the weight matmuls and recomputes only attention, norms and activations:
+# most of the memory saving at a fraction of the recompute.
+REMAT_POLICIES: dict[str, Callable[..., bool]] = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: str) -> Callable[..., bool]:
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; expected one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
 
 
 class Attention(nn.Module):
@@ -94,6 +113,7 @@ class ResidualBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   init_style: str = "clip"
   layers: int = 12  # depth of the whole stack, for the CLIP init scale
+  scanned: bool = False  # the body of `nn.scan`: returns (output, None)
 
   def _inits(self) -> tuple[Initializer, Initializer, Initializer, Initializer]:
     if self.init_style == "dino":
@@ -107,13 +127,19 @@ class ResidualBlock(nn.Module):
     return normal(attn_std), normal(proj_std), normal(fc_std), normal(proj_std)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, layer_drop_path_rate: jax.Array | None = None):
+    """Returns the block output, or (output, None) as a scan body when `scanned`.
+
+    `layer_drop_path_rate`, when given (a scanned stack passes each layer's), replaces
+    `drop_path_rate`, which then only says whether stochastic depth is on at all.
+    """
     qkv_init, out_init, fc_init, proj_init = self._inits()
     use_drop_path = self.drop_path_rate > 0.0 and not self.deterministic
+    rate = self.drop_path_rate if layer_drop_path_rate is None else layer_drop_path_rate
 
     def branch_out(y: jax.Array) -> jax.Array:
       if use_drop_path:
-        return drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
+        return drop_path(y, rate, self.make_rng("dropout"))
       return y
 
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_1")(x)
@@ -121,11 +147,19 @@ class ResidualBlock(nn.Module):
     x = x + branch_out(y)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_2")(x)
     y = MLP(self.width, self.mlp_dim, self.act, self.dtype, fc_init, proj_init, name="mlp")(y)
-    return x + branch_out(y)
+    x = x + branch_out(y)
+    return (x, None) if self.scanned else x
 
 
 class Transformer(nn.Module):
-  """A stack of residual blocks named `resblocks_N`."""
+  """A stack of residual blocks named `resblocks_N`.
+
+  `scan_layers=True` runs the blocks as one `nn.scan` over parameters stacked on a leading layer
+  axis (`resblocks/...` of shape [layers, ...]): XLA compiles one block instead of `layers`, for
+  a much shorter compile. Checkpoints and converters keep the per-layer names: convert with
+  `stack_layer_params` / `unstack_layer_params`. Scanned stochastic depth draws other random
+  masks than the unrolled stack (one key per layer, split by the scan), with the same rates.
+  """
   width: int
   layers: int
   heads: int
@@ -138,14 +172,62 @@ class Transformer(nn.Module):
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
   init_style: str = "clip"
+  remat_policy: str = "nothing_saveable"  # see REMAT_POLICIES; used only when `remat`
+  scan_layers: bool = False
+
+  def _layer_rate(self, i: int) -> float:
+    # DINO's rule: drop-path rate rises linearly from 0 at the first block to the rate at the last.
+    return self.drop_path_rate * i / max(self.layers - 1, 1)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+    block_cls = (nn.remat(ResidualBlock, policy=remat_policy(self.remat_policy)) if self.remat
+                 else ResidualBlock)
+    block_args = (self.width, self.heads, self.mlp_dim, self.act, self.ln_eps, self.causal)
+    if self.scan_layers:
+      rates = jnp.asarray([self._layer_rate(i) for i in range(self.layers)], jnp.float32)
+      stack = nn.scan(block_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=0,
+                      length=self.layers)
+      x, _ = stack(*block_args, self.drop_path_rate, self.deterministic, self.dtype,
+                   self.init_style, self.layers, scanned=True, name="resblocks")(x, rates)
+      return x
     for i in range(self.layers):
-      # DINO's rule: drop-path rate rises linearly from 0 at the first block to the rate at the last.
-      rate = self.drop_path_rate * i / max(self.layers - 1, 1)
-      x = block_cls(self.width, self.heads, self.mlp_dim, self.act, self.ln_eps, self.causal,
-                    rate, self.deterministic, self.dtype, self.init_style, self.layers,
-                    name=f"resblocks_{i}")(x)
+      x = block_cls(*block_args, self._layer_rate(i), self.deterministic, self.dtype,
+                    self.init_style, self.layers, name=f"resblocks_{i}")(x)
     return x
+
+
+_LAYER_NAME = re.compile(r"resblocks_(\d+)")
+
+
+def stack_layer_params(tree: Any) -> Any:
+  """Per-layer params (`resblocks_0`, `resblocks_1`, ...) -> `resblocks` stacked on axis 0.
+
+  Works at any depth of a nested dict (a CLIP has two stacks), leaving everything else as is.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  layers = {int(m.group(1)): v for k, v in tree.items() if (m := _LAYER_NAME.fullmatch(k))}
+  out = {k: stack_layer_params(v) for k, v in tree.items() if not _LAYER_NAME.fullmatch(k)}
+  if layers:
+    if sorted(layers) != list(range(len(layers))):
+      raise ValueError(f"layer params are not numbered 0..N-1: got {sorted(layers)}")
+    if "resblocks" in tree:
+      raise ValueError("params hold both 'resblocks' and 'resblocks_N' entries")
+    out["resblocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                    *[layers[i] for i in range(len(layers))])
+  return out
+
+
+def unstack_layer_params(tree: Any) -> Any:
+  """The inverse of `stack_layer_params`: `resblocks` [layers, ...] -> `resblocks_N`."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: unstack_layer_params(v) for k, v in tree.items() if k != "resblocks"}
+  if "resblocks" in tree:
+    stacked = tree["resblocks"]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(depth):
+      out[f"resblocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
