@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -44,17 +43,8 @@ def log(message: str) -> None:
 
 def load_config(spec: str | os.PathLike, default_arg: str = "default"):
   """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns."""
-  text = str(spec)
-  path_text, _, arg = text.partition(":") if text.count(":") == 1 else (text, "", "")
-  path = Path(path_text)
-  if not path.is_file():
-    raise FileNotFoundError(f"demo config file {path} not found")
-  module_spec = importlib.util.spec_from_file_location(f"_demo_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"{path} defines no get_config(arg)")
-  return module.get_config(arg or default_arg)
+  from agriclip_jax.train.config import load_config_file
+  return load_config_file(str(spec), default_arg, lock=False)
 
 
 def apply_overrides(config, overrides: Sequence[str]) -> None:

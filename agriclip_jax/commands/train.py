@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,18 +61,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
 
 def load_config_file(spec: str):
   """`path.py[:arg]` -> get_config(arg), locked so that new keys cannot appear."""
-  path_text, _, arg = spec.partition(":")
-  path = Path(path_text)
-  if not path.is_file():
-    raise FileNotFoundError(f"config file {path} not found")
-  module_spec = importlib.util.spec_from_file_location(f"agriclip_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path} defines no get_config(arg)")
-  config = module.get_config(arg) if arg else module.get_config()
-  config.lock()
-  return config
+  from agriclip_jax.train.config import load_config_file as load
+  return load(spec)
 
 
 def _parse_value(text: str) -> Any:

@@ -8,9 +8,29 @@ log_every_steps, checkpoint_every_steps, keep_checkpoints.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+
+def load_config_file(spec: str, default_arg: str | None = None, lock: bool = True):
+  """`path.py[:arg]` -> the ConfigDict its `get_config(arg)` returns (locked: no new keys)."""
+  path_text, _, arg = str(spec).partition(":")
+  path = Path(path_text)
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {path} not found")
+  module_spec = importlib.util.spec_from_file_location(f"agriclip_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path} defines no get_config(arg)")
+  arg = arg or default_arg
+  config = module.get_config(arg) if arg else module.get_config()
+  if lock:
+    config.lock()
+  return config
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
