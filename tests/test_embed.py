@@ -17,20 +17,13 @@ from agriclip_jax.models.clip import CLIP
 from agriclip_jax.models.configs import CLIPConfig, clip_config, vision_config
 from agriclip_jax.models.vit import VisionTransformer
 from agriclip_jax.tokenizer import installed_openai_bpe, load_tokenizer
+from test_convert_clip import random_variables  # one random-weights helper for both files
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 TEXTS = ["a photo of a corn leaf with common rust", "a healthy maize leaf", "gray leaf spot"]
 
 
-def random_variables(model_type: str, config: dict, seed: int) -> dict:
-  """Random variables of the model's shapes, drawn by numpy: compiling Flax's init costs seconds
-  per test on a busy CPU, and porting and embedding need values, not a trained distribution."""
-  rng = np.random.default_rng(seed)
-  abstract = model_io.flatten(model_io.abstract_variables(model_type, config))
-  flat = {name: (1.0 if name.endswith("scale") and "logit" not in name else 0.0)
-          + rng.normal(0.0, 0.05, leaf.shape).astype(np.float32) for name, leaf in abstract.items()}
-  return model_io.unflatten(flat)
 
 
 def reference_view(path: Path, size: int) -> np.ndarray:
