@@ -161,15 +161,9 @@ def torch_layout_to_flax(state: Mapping[str, np.ndarray], rules: list[Rule], exp
     for name, needed in zip(rule.torch, expected_torch):
       if name in state and tuple(np.shape(state[name])) != needed.shape:
         mismatched.append(f"{name}: expected {needed.shape}, got {tuple(np.shape(state[name]))}")
-  problems = []
-  if missing:
-    problems.append(f"missing keys ({len(missing)}): {_names(missing)}")
-  if extra:
-    problems.append(f"unexpected keys ({len(extra)}): {_names(extra)}")
-  if mismatched:
-    problems.append(f"shape mismatches ({len(mismatched)}): {_names(mismatched)}")
+  problems = model_io.describe_mismatch(missing, extra, mismatched)
   if problems:
-    raise ValueError(f"{source}: weights do not match the model: " + "; ".join(problems))
+    raise ValueError(f"{source}: weights do not match the model: {problems}")
   flat = {rule.flax: np.array(_LAYOUTS[rule.kind][1]([state[n] for n in rule.torch]), np.float32,
                               order="C") for rule in rules}
   model_io.check_tree_matches(want, flat, source)
