@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from agriclip_jax.fileio import atomic_file
+
 REFERENCE_TARGET_VARIANCE = 4.5
 DEFAULT_RIDGE_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 ALIGNER_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
@@ -73,11 +75,6 @@ class LinearAligner:
     return features @ self.weight.T.astype(features.dtype) + self.bias.astype(features.dtype)
 
 
-def _atomic_target(path: Path) -> Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def save_aligner(aligner: LinearAligner, path: str | os.PathLike,
                  metadata: dict[str, Any] | None = None) -> Path:
   """Writes `.pth` (reference format), `.safetensors` or `.npz`; written to a temp name, then renamed."""
@@ -88,8 +85,8 @@ def save_aligner(aligner: LinearAligner, path: str | os.PathLike,
   # Own, writable copies: torch.from_numpy warns on read-only arrays (e.g. from jax.device_get).
   weight = np.array(aligner.weight, dtype=np.float32, order="C")
   bias = np.array(aligner.bias, dtype=np.float32, order="C")
-  tmp = _atomic_target(path)
-  try:
+
+  def write(tmp: Path) -> None:
     if suffix in (".pth", ".pt"):
       import torch
       torch.save({"W": torch.from_numpy(weight), "b": torch.from_numpy(bias)}, tmp)
@@ -100,11 +97,8 @@ def save_aligner(aligner: LinearAligner, path: str | os.PathLike,
     else:
       with open(tmp, "wb") as f:  # np.savez appends .npz to bare names; a file object avoids that
         np.savez(f, W=weight, b=bias)
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return path
+
+  return atomic_file(path, write)
 
 
 def load_aligner(path: str | os.PathLike) -> LinearAligner:

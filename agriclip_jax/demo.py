@@ -119,13 +119,8 @@ class DemoData:
 
 
 def _write_jsonl(path: Path, lines: Sequence[dict]) -> Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as handle:
-    for line in lines:
-      handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
-  return path
+  from agriclip_jax.fileio import atomic_write_jsonl
+  return atomic_write_jsonl(path, lines)
 
 
 _DOMAIN_SUBJECT = {"crop": "plant", "fish": "fish", "livestock": "animal"}
@@ -671,7 +666,5 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> Path:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=1) + "\n")
-  os.replace(tmp, path)
-  return path
+  from agriclip_jax.fileio import atomic_write_json
+  return atomic_write_json(path, obj, indent=1)

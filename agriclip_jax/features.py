@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from agriclip_jax.fileio import atomic_file, atomic_write_text
+
 CACHE_FORMAT = 1
 
 
@@ -114,14 +116,15 @@ class FeatureCache:
 
   def put(self, key: str, features: np.ndarray, indices: np.ndarray, labels: np.ndarray,
           metadata: dict[str, Any] | None = None) -> Path:
-    self.root.mkdir(parents=True, exist_ok=True)
     path = self._path(key)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-      np.savez(f, features=features, indices=indices, labels=labels)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+      with open(tmp, "wb") as f:  # np.savez appends .npz to bare names; a file object avoids that
+        np.savez(f, features=features, indices=indices, labels=labels)
+
+    atomic_file(path, write)
     meta = {"rows": int(features.shape[0]), "dim": int(features.shape[1]), **(metadata or {})}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
+from agriclip_jax.fileio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_CHARS = 12
@@ -211,10 +213,7 @@ class LLMParaphraser:
         log.warning("%s; using template captions", error)
         return None
       if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_path.with_suffix(f".tmp-{os.getpid()}")
-        temporary.write_text(json.dumps({"model": self.model, "content": content}), encoding="utf-8")
-        os.replace(temporary, cache_path)
+        atomic_write_text(cache_path, json.dumps({"model": self.model, "content": content}))
     parsed = parse_answer(content)
     if parsed is None:
       self._count("answers_malformed")

@@ -7,9 +7,7 @@ Every subcommand accepts such a directory as `--model DIR`. Params are stored fl
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -17,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+# atomic_directory/atomic_file live in fileio; re-exported here, where callers first found them.
+from agriclip_jax.fileio import atomic_directory, atomic_file, read_json  # noqa: F401
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -147,49 +148,6 @@ def _short(items: list[str], limit: int = 8) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------
-
-def atomic_directory(final: Path, write: Callable[[Path], None]) -> Path:
-  """Writes a directory under a temporary name beside `final`, then swaps it in.
-
-  A failure while writing leaves `final` as it was (absent or the previous version).
-  """
-  final = Path(final)
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-  try:
-    write(tmp)
-    if final.exists():
-      old = final.with_name(f".{final.name}.old-{os.getpid()}")
-      os.replace(final, old)
-      os.replace(tmp, final)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return final
-
-
-def atomic_file(final: Path, write: Callable[[Path], None]) -> Path:
-  """Writes a file under a temporary name in the same folder, then renames it into place."""
-  final = Path(final)
-  final.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-  os.close(fd)
-  tmp = Path(tmp_name)
-  try:
-    write(tmp)
-    os.replace(tmp, final)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-  return final
-
-
-# ---------------------------------------------------------------------------------------------
 # Save and load
 # ---------------------------------------------------------------------------------------------
 
@@ -230,14 +188,8 @@ def _host_array(value: Any) -> np.ndarray:
 
 
 def read_config(path: str | Path) -> dict:
-  path = Path(path)
-  config_path = path / CONFIG_FILE
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{path} is not a model directory: {CONFIG_FILE} not found")
-  try:
-    meta = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  config_path = Path(path) / CONFIG_FILE
+  meta = read_json(config_path, "model directory config")
   for key in ("model_type", "config"):
     if key not in meta:
       raise ValueError(f"{config_path}: missing key {key!r}")

@@ -23,7 +23,6 @@ directory); `clip` an HF CLIPModel directory, an open_clip / OpenAI file, or a F
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from agriclip_jax import fileio
 from input_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 REFERENCE_IMAGE_SIZE = 224
@@ -155,13 +155,8 @@ def load_clip(clip: str | os.PathLike, clip_format: str | None = None,
 def detect_clip_format(path: Path) -> str:
   """'flax' (our model directory), 'hf' (a CLIPModel directory) or 'openclip' (a single file)."""
   if path.is_dir():
-    config_path = path / "config.json"
-    if not config_path.is_file():
-      raise FileNotFoundError(f"{path}: no config.json; expected an HF CLIPModel or a model directory")
-    try:
-      meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    meta = fileio.read_json(path / "config.json",
+                            "config of an HF CLIPModel or agriclip-jax model directory")
     return "flax" if "format_version" in meta and "config" in meta else "hf"
   if path.is_file():
     return "openclip"

@@ -32,6 +32,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from agriclip_jax.fileio import atomic_write_json, atomic_write_text, read_json
+
 Domain = Literal["crop", "fish", "livestock"]
 RGB = tuple[float, float, float]
 FloatArray = np.ndarray
@@ -1111,12 +1113,6 @@ def _image_rng(seed: int, stream: int, dataset_index: int, class_index: int,
   return np.random.default_rng([seed, stream, dataset_index, class_index, image_index])
 
 
-def _write_json(path: Path, obj) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1) + "\n")
-  tmp.replace(path)
-
-
 def _empty_output_dir(out_dir: str | Path) -> Path:
   """Creates `out_dir`; refuses a non-empty one, whose old images would mix with the new set."""
   root = Path(out_dir)
@@ -1157,10 +1153,8 @@ def write_pretraining_set(out_dir: str | Path, num_images: int = 3000, size: int
         "image": rel, "captions": captions(dataset, cls, cond), "dataset": dataset.name,
         "class": cls.name, "domain": dataset.domain, "subject": cls.subject.name,
         "condition": cond.name, "attributes": list(cls.subject.attributes + cond.attributes)}))
-  _write_json(root / "metadata.json", {"datasets": [_metadata_entry(d) for d in datasets]})
-  tmp = root / "manifest.jsonl.tmp"
-  tmp.write_text("\n".join(lines) + "\n")
-  tmp.replace(root / "manifest.jsonl")
+  atomic_write_json(root / "metadata.json", {"datasets": [_metadata_entry(d) for d in datasets]})
+  atomic_write_text(root / "manifest.jsonl", "\n".join(lines) + "\n")
   return root
 
 
@@ -1190,7 +1184,7 @@ def write_downstream_tasks(out_dir: str | Path, size: int = 64, seed: int = 0,
     specs.append(TaskSpec(name, kind, dataset.domain, root / name, dataset.template,
                           tuple(c.name for c in ordered), tuple(c.readable for c in ordered),
                           images_per_class * len(ordered)))
-  _write_json(root / "tasks.json", {"tasks": [
+  atomic_write_json(root / "tasks.json", {"tasks": [
       {"name": t.name, "kind": t.kind, "domain": t.domain, "path": t.name, "template": t.template,
        "classes": list(t.class_names), "class_folders": list(t.class_folders),
        "num_classes": t.num_classes, "num_images": t.num_images} for t in specs]})
@@ -1201,10 +1195,8 @@ def load_tasks(tasks_dir: str | Path) -> list[TaskSpec]:
   """Reads the `tasks.json` of `write_downstream_tasks`, checking that each class folder exists."""
   root = Path(tasks_dir)
   listing = root / "tasks.json"
-  if not listing.is_file():
-    raise FileNotFoundError(f"no tasks.json in {root}")
   specs = []
-  for i, entry in enumerate(json.loads(listing.read_text())["tasks"]):
+  for i, entry in enumerate(read_json(listing, "task listing")["tasks"]):
     missing = {"name", "kind", "domain", "path", "template", "classes", "class_folders",
                "num_images"} - set(entry)
     if missing:

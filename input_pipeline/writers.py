@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import io
+import itertools
 import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+from agriclip_jax.fileio import atomic_file
 from input_pipeline.sources import Record, serialize_record
 
 WriteSummary = dict[str, Any]  # {"written": int, "skipped": {reason: count}, "paths": [str]}
@@ -29,10 +32,6 @@ def _records(source: Any) -> Iterable[Record]:
 
 def _summary(written: int, skipped: collections.Counter, paths: Sequence[str]) -> WriteSummary:
   return {"written": written, "skipped": dict(skipped), "paths": [str(p) for p in paths]}
-
-
-def _temporary(path: Path) -> Path:
-  return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def image_extension(data: bytes, fallback: str = "jpg") -> str:
@@ -54,18 +53,20 @@ def write_array_record(source: Any, path: str | Path) -> WriteSummary:
   """One serialized record per entry (see sources.serialize_record), bad ones included."""
   from array_record.python.array_record_module import ArrayRecordWriter
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = _temporary(path)
-  # group_size 1: every record is its own chunk, the cheapest random access (what Grain does).
-  writer = ArrayRecordWriter(str(temporary), "group_size:1")
   written = 0
-  try:
-    for record in _records(source):
-      writer.write(serialize_record(record))
-      written += 1
-  finally:
-    writer.close()
-  os.replace(temporary, path)
+
+  def write(temporary: Path) -> None:
+    nonlocal written
+    # group_size 1: every record is its own chunk, the cheapest random access (what Grain does).
+    writer = ArrayRecordWriter(str(temporary), "group_size:1")
+    try:
+      for record in _records(source):
+        writer.write(serialize_record(record))
+        written += 1
+    finally:
+      writer.close()
+
+  atomic_file(path, write)
   return _summary(written, collections.Counter(), [path])
 
 
@@ -79,39 +80,43 @@ def _relative_or_absolute(image_path: str, manifest_dir: Path) -> str:
 def write_jsonl(source: Any, path: str | Path) -> WriteSummary:
   """{"image", "captions", "label", "key"} per line; image paths relative to the manifest."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = _temporary(path)
   written, skipped = 0, collections.Counter()
-  with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as handle:
-    for record in _records(source):
-      if record.get("error"):
-        skipped[record["error"]] += 1
-        continue
-      line = {"image": _relative_or_absolute(record["path"], path.parent), "captions": record["captions"],
-              "label": record["label"], "key": record["key"]}
-      handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-      written += 1
-  os.replace(temporary, path)
+
+  def write(temporary: Path) -> None:
+    nonlocal written
+    with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as handle:
+      for record in _records(source):
+        if record.get("error"):
+          skipped[record["error"]] += 1
+          continue
+        line = {"image": _relative_or_absolute(record["path"], path.parent),
+                "captions": record["captions"], "label": record["label"], "key": record["key"]}
+        handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        written += 1
+
+  atomic_file(path, write)
   return _summary(written, skipped, [path])
 
 
 def write_csv(source: Any, path: str | Path, separator: str = ",") -> WriteSummary:
   """open_clip columns `filepath`, `title` (the first caption), plus `label` and `key`."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = _temporary(path)
   written, skipped = 0, collections.Counter()
-  with open(temporary, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
-    writer = csv.writer(handle, delimiter=separator)
-    writer.writerow(["filepath", "title", "label", "key"])
-    for record in _records(source):
-      if record.get("error") or not record["captions"]:
-        skipped[record.get("error") or "empty_caption"] += 1
-        continue
-      writer.writerow([_relative_or_absolute(record["path"], path.parent), record["captions"][0],
-                       record["label"], record["key"]])
-      written += 1
-  os.replace(temporary, path)
+
+  def write(temporary: Path) -> None:
+    nonlocal written
+    with open(temporary, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+      writer = csv.writer(handle, delimiter=separator)
+      writer.writerow(["filepath", "title", "label", "key"])
+      for record in _records(source):
+        if record.get("error") or not record["captions"]:
+          skipped[record.get("error") or "empty_caption"] += 1
+          continue
+        writer.writerow([_relative_or_absolute(record["path"], path.parent), record["captions"][0],
+                         record["label"], record["key"]])
+        written += 1
+
+  atomic_file(path, write)
   return _summary(written, skipped, [path])
 
 
@@ -120,6 +125,27 @@ def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
   info.size = len(data)
   info.mode = 0o644
   archive.addfile(info, io.BytesIO(data))
+
+
+def _records_with_image(source: Any, skipped: collections.Counter) -> Iterator[Record]:
+  """The records a webdataset shard can hold; the others are counted in `skipped` by reason."""
+  for record in _records(source):
+    if record.get("error") or record["image_bytes"] is None:
+      skipped[record.get("error") or "missing_image"] += 1
+      continue
+    yield record
+
+
+def _add_sample(archive: tarfile.TarFile, record: Record) -> None:
+  key = record["key"]
+  _add_member(archive, f"{key}.{image_extension(record['image_bytes'])}", record["image_bytes"])
+  captions = record["captions"]
+  if captions:
+    _add_member(archive, f"{key}.txt", captions[0].encode("utf-8", "surrogateescape"))
+  if len(captions) > 1:
+    _add_member(archive, f"{key}.json", json.dumps({"captions": captions}).encode("ascii"))
+  if record["label"] >= 0:
+    _add_member(archive, f"{key}.cls", str(record["label"]).encode("ascii"))
 
 
 def write_tar_shards(source: Any, out_dir: str | Path, records_per_shard: int = 1000,
@@ -131,32 +157,21 @@ def write_tar_shards(source: Any, out_dir: str | Path, records_per_shard: int = 
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   written, skipped, shard_paths = 0, collections.Counter(), []
-  archive: tarfile.TarFile | None = None
-  temporary: Path | None = None
 
-  def close_shard() -> None:
-    if archive is not None:
-      archive.close()
-      os.replace(temporary, shard_paths[-1])
+  def write_shard(temporary: Path, records: Iterable[Record]) -> None:
+    nonlocal written
+    with tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT) as archive:
+      for record in records:
+        _add_sample(archive, record)
+        written += 1
 
-  for record in _records(source):
-    if record.get("error") or record["image_bytes"] is None:
-      skipped[record.get("error") or "missing_image"] += 1
-      continue
-    if written % records_per_shard == 0:
-      close_shard()
-      shard_paths.append(out_dir / f"{prefix}-{len(shard_paths):06d}.tar")
-      temporary = _temporary(shard_paths[-1])
-      archive = tarfile.open(temporary, "w", format=tarfile.PAX_FORMAT)
-    key = record["key"]
-    _add_member(archive, f"{key}.{image_extension(record['image_bytes'])}", record["image_bytes"])
-    captions = record["captions"]
-    if captions:
-      _add_member(archive, f"{key}.txt", captions[0].encode("utf-8", "surrogateescape"))
-    if len(captions) > 1:
-      _add_member(archive, f"{key}.json", json.dumps({"captions": captions}).encode("ascii"))
-    if record["label"] >= 0:
-      _add_member(archive, f"{key}.cls", str(record["label"]).encode("ascii"))
-    written += 1
-  close_shard()
+  usable = _records_with_image(source, skipped)
+  # Each shard streams its records from the source (a shard's images never sit in memory at once)
+  # and is renamed into place when complete, so a failure leaves only whole shards behind.
+  first = next(usable, None)
+  while first is not None:
+    shard_paths.append(out_dir / f"{prefix}-{len(shard_paths):06d}.tar")
+    shard_records = itertools.chain([first], itertools.islice(usable, records_per_shard - 1))
+    atomic_file(shard_paths[-1], functools.partial(write_shard, records=shard_records))
+    first = next(usable, None)
   return _summary(written, skipped, shard_paths)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from agriclip_jax import prompts
+from agriclip_jax import fileio, prompts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,11 +109,7 @@ def run(args: argparse.Namespace) -> int:
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  temporary = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-  with open(temporary, "w", encoding="utf-8") as handle:
-    for line in lines:
-      handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-  os.replace(temporary, args.out)
+  fileio.atomic_write_jsonl(args.out, lines)
   llm_classes = sum(1 for pool in pools.values() if pool)
   print(f"wrote {len(lines)} images x {args.variants} captions to {args.out} "
         f"({len(metadata.classes)} classes, {llm_classes} with LLM paraphrases)")

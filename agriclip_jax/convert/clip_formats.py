@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from agriclip_jax import model_io
+from agriclip_jax import fileio, model_io
 from agriclip_jax.convert.registry import ConvertedModel
 from agriclip_jax.models.configs import CLIPConfig, TextConfig, VisionConfig, clip_config
 from agriclip_jax.tokenizer import ClipTokenizer, installed_openai_bpe, load_tokenizer
@@ -497,12 +497,7 @@ def read_hf(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
   """An HF CLIPModel directory (config.json + safetensors or pytorch_model.bin) -> a CLIP model."""
   src = Path(src)
   config_path = src / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{src} is not an HF model directory: config.json not found")
-  try:
-    hf = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  hf = fileio.read_json(config_path, "HF CLIPModel config")
   config = hf_config_to_ours(hf, str(config_path))
   state, weights_path = _read_hf_weights(src)
   state = {k: v for k, v in state.items() if not k.endswith(_HF_IGNORED_SUFFIXES)}

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
+
+from agriclip_jax.fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,9 +52,7 @@ class MetricsWriter:
 
   def _drop_after(self, step: int) -> None:
     kept = [m for m in read_metrics(self._path.parent) if m.get("step", 0) <= step]
-    tmp = self._path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    os.replace(tmp, self._path)
+    atomic_write_text(self._path, "".join(json.dumps(m) + "\n" for m in kept))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self._enabled:
