@@ -71,7 +71,8 @@ class LinearAligner:
   def apply(self, features):
     """Works on numpy and jax arrays alike: features [..., in_dim] -> [..., out_dim]."""
     if features.shape[-1] != self.in_dim:
-      raise ValueError(f"aligner expects features of width {self.in_dim}, got {features.shape}")
+      raise ValueError(f"aligner expects features of width {self.in_dim}, got {features.shape} "
+                       "(fitted on another DINO model or pooling? see --dino-pooling)")
     return features @ self.weight.T.astype(features.dtype) + self.bias.astype(features.dtype)
 
 

@@ -380,26 +380,41 @@ def load_dino_backbone(path: str | os.PathLike) -> tuple[str, dict, dict]:
   return model.model_type, model.config, model.variables
 
 
-def dino_model_encoder(path: str | os.PathLike, image_size: int = 224) -> ImageEncoder:
-  """DINO backbone features: model type "vit" (DINO flavour: class token after the final norm),
-  "resnet" (globally pooled, 2048-d for ResNet-50) or "dino" (backbone + head: the backbone's
-  features); ImageNet normalisation, as DINO trains."""
+def dino_model_encoder(path: str | os.PathLike, image_size: int = 224,
+                       pooling: str = "cls") -> ImageEncoder:
+  """DINO backbone features: model type "vit" (DINO flavour), "resnet" (globally pooled, 2048-d
+  for ResNet-50) or "dino" (backbone + head: the backbone's features); ImageNet normalisation,
+  as DINO trains.
+
+  `pooling` picks a ViT's features (`models.vit.dino_pooling`): "cls" (the final class token,
+  what the reference aligner reads), "cls+avgpool" or "lastN", DINO's linear-evaluation choices.
+  A ResNet has only its pooled features ("cls").
+  """
   from agriclip_jax import model_io
+  from agriclip_jax.models.vit import dino_pooling
   model_type, config, variables = load_dino_backbone(path)
   if model_type not in ("vit", "resnet", "dino"):
     raise ValueError(f"{path}: expected a DINO backbone (model_type 'vit', 'resnet' or 'dino'), "
                      f"found {model_type!r}")
+  n_last_blocks, avgpool = dino_pooling(pooling)
+  backbone_config = config.get("backbone", {}) if model_type == "dino" else config
+  is_resnet = model_type == "resnet" or (model_type == "dino" and
+                                         config.get("backbone_type") == "resnet")
+  if is_resnet and pooling != "cls":
+    raise ValueError(f"{path}: a ResNet backbone has only its pooled features; DINO pooling "
+                     f"{pooling!r} applies to a ViT (use 'cls')")
   module, _ = model_io.build_model(model_type, config)
-  size_from = config.get("backbone", {}) if model_type == "dino" else config
-  size = int(size_from.get("image_size", image_size))
+  size = int(backbone_config.get("image_size", image_size))
+  vit_pooling = {} if is_resnet else {"n_last_blocks": n_last_blocks, "avgpool": avgpool}
 
   def apply(params, images):
     if model_type == "dino":
-      return module.apply(params, images, method=type(module).features)
-    return module.apply(params, images)
+      return module.apply(params, images, method=type(module).features, **vit_pooling)
+    return module.apply(params, images, **vit_pooling)
 
-  return ImageEncoder("dino", fingerprint_path(path), standard_view(size, "imagenet"),
-                      f"shortest{size}/imagenet", apply, variables)
+  identity = fingerprint_path(path)  # "cls" keeps the identity (and cache keys) it always had
+  return ImageEncoder("dino", identity if pooling == "cls" else fingerprint(identity, pooling),
+                      standard_view(size, "imagenet"), f"shortest{size}/imagenet", apply, variables)
 
 
 def load_aligner_any(path: str | os.PathLike):

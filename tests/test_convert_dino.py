@@ -23,7 +23,7 @@ from agriclip_jax.convert import dino as dino_convert
 from agriclip_jax.convert import registry
 from agriclip_jax.models.configs import VisionConfig, vision_config
 from agriclip_jax.models.dino import DINO, DINOConfig, DINOHeadConfig
-from agriclip_jax.models.vit import VisionTransformer
+from agriclip_jax.models.vit import VisionTransformer, dino_pooling, pooled_width
 from test_resnet import TorchResNet, nchw, randomise_batch_norms
 
 
@@ -101,12 +101,36 @@ class TorchDinoViT(nn.Module):
           module.weight.uniform_(0.5, 1.5)
           module.bias.normal_(0, 0.1)
 
-  def forward(self, x):
+  def tokens(self, x):
     x = self.patch_embed(x)
-    x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+    return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+  def forward(self, x):
+    x = self.tokens(x)
     for block in self.blocks:
       x = block(x)
     return self.norm(x)[:, 0]
+
+  def get_intermediate_layers(self, x, n=1):
+    """DINO's: the final-normed token sequences of the last n blocks."""
+    x = self.tokens(x)
+    outputs = []
+    for i, block in enumerate(self.blocks):
+      x = block(x)
+      if len(self.blocks) - i <= n:
+        outputs.append(self.norm(x))
+    return outputs
+
+
+def dino_linear_eval_features(peer: TorchDinoViT, x, n: int, avgpool: bool):
+  """DINO eval_linear.py's frozen features of a ViT (written from its recipe)."""
+  intermediate = peer.get_intermediate_layers(x, n)
+  output = torch.cat([tokens[:, 0] for tokens in intermediate], dim=-1)
+  if avgpool:
+    patch_mean = torch.mean(intermediate[-1][:, 1:], dim=1)
+    output = torch.cat((output.unsqueeze(-1), patch_mean.unsqueeze(-1)), dim=-1)
+    output = output.reshape(output.shape[0], -1)
+  return output
 
 
 class TorchDINOHead(nn.Module):
@@ -206,6 +230,39 @@ def test_dino_vits16_features_match_torch_both_ways(tmp_path, vits16_apply):
     want_back = reloaded(nchw(image)).numpy()
   np.testing.assert_allclose(np.asarray(apply(flax_variables, image)), want_back, atol=1e-4, rtol=0)
   assert np.abs(want_back - want).max() > 1e-3  # the exported model is not the original
+
+
+@pytest.mark.parametrize("pooling", ["cls", "cls+avgpool", "last2", "last3"])
+def test_dino_linear_eval_pooling_matches_torch(tmp_path, pooling):
+  torch.manual_seed(5)
+  peer = TorchDinoViT(image_size=32, patch=8, dim=64, depth=3, heads=2).eval()
+  torch.save(peer.state_dict(), tmp_path / "vit.pth")
+  converted = dino_convert.READERS["dino-vit"](tmp_path / "vit.pth", {"heads": "2"})
+  config = VisionConfig.from_dict(converted.config)
+  n_last_blocks, avgpool = dino_pooling(pooling)
+  image = np.random.default_rng(5).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = dino_linear_eval_features(peer, nchw(image), n_last_blocks, avgpool).numpy()
+  got = np.asarray(VisionTransformer(config).apply(converted.variables, image,
+                                                   n_last_blocks=n_last_blocks, avgpool=avgpool))
+  assert got.shape == want.shape == (3, pooled_width(config, n_last_blocks, avgpool))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_dino_pooling_errors_name_the_value():
+  config = vision_config("tiny", flavour="dino")
+  image = np.zeros((1, 32, 32, 3), np.float32)
+  module = VisionTransformer(config)
+  variables = module.init(jax.random.PRNGKey(0), image)
+  with pytest.raises(ValueError, match="n_last_blocks=3"):
+    module.apply(variables, image, n_last_blocks=3)
+  with pytest.raises(ValueError, match="avgpool goes with n_last_blocks=1"):
+    module.apply(variables, image, n_last_blocks=2, avgpool=True)
+  with pytest.raises(ValueError, match="unknown DINO pooling 'mean'"):
+    dino_pooling("mean")
+  clip_tower = VisionTransformer(vision_config("tiny"))
+  with pytest.raises(ValueError, match="without projection"):
+    clip_tower.apply(clip_tower.init(jax.random.PRNGKey(0), image), image, n_last_blocks=1)
 
 
 def test_heads_option_is_used_since_checkpoints_do_not_store_heads(tmp_path):

@@ -182,3 +182,18 @@ def test_scanned_stack_equals_unrolled_and_params_round_trip():
     value, grads = _loss_and_grads(make(True, remat), stacked, (x,))
     # Other fusion of the loop body: rounding-level differences on gradients of size ~1.
     _assert_same(unrolled, (value, unstack_layer_params(grads)), atol=2e-5)
+
+
+def test_scanned_stack_keeps_the_same_block_outputs_as_unrolled():
+  from agriclip_jax.models.transformer import Transformer, stack_layer_params
+  make = lambda scan: Transformer(32, 3, 2, 64, "gelu", 1e-6, scan_layers=scan)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, 32)), jnp.float32)
+  params = make(False).init(jax.random.key(0), x)["params"]
+  out, kept = make(False).apply({"params": params}, x, keep_last=2)
+  np.testing.assert_array_equal(out, make(False).apply({"params": params}, x))
+  np.testing.assert_array_equal(kept[-1], out)
+  assert len(kept) == 2 and np.abs(np.asarray(kept[0]) - np.asarray(kept[1])).max() > 1e-3
+  scanned_out, scanned_kept = make(True).apply({"params": stack_layer_params(params)}, x,
+                                               keep_last=2)
+  for got, want in zip((scanned_out, *scanned_kept), (out, *kept)):
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -190,7 +190,7 @@ def _tiny_models(tmp_path):
   return clip_dir, dino_dir
 
 
-def test_commands_align_zeroshot_report_on_real_photos(corn_dir, tmp_path):
+def test_commands_align_zeroshot_report_on_real_photos(corn_dir, tmp_path, capsys):
   import json
   import shutil
   from agriclip_jax import cli
@@ -225,6 +225,24 @@ def test_commands_align_zeroshot_report_on_real_photos(corn_dir, tmp_path):
   assert (tmp_path / "report" / "accuracy.png").stat().st_size > 1000
   assert "Image-text retrieval" in (tmp_path / "report" / "report.md").read_text()
   assert len(list((tmp_path / "report" / "confusion").glob("*.png"))) == 3
+
+  # DINO's linear-evaluation pooling: the aligner reads [cls, mean patch] (2 x 64) and records it;
+  # zero-shot with other DINO features is a clear error, with the same ones it runs.
+  pooled = tmp_path / "aligner_pooled.safetensors"
+  assert cli.main(["align", "--dino", str(dino_dir), "--model", str(clip_dir), "--data", str(data),
+                   "--dino-pooling", "cls+avgpool", "--batch-size", "8", "--out", str(pooled)]) == 0
+  assert json.loads((tmp_path / "aligner_pooled.safetensors.metrics.json").read_text())["in_dim"] == 128
+  from safetensors import safe_open
+  with safe_open(str(pooled), "np") as handle:
+    assert json.loads(handle.metadata()["dino_pooling"]) == "cls+avgpool"
+  zeroshot_args = ["zeroshot", "--model", str(clip_dir), "--dino", str(dino_dir), "--aligner",
+                   str(pooled), "--data", str(data), "--template", "a photo of a corn leaf with {}",
+                   "--method", "agriclip", "--batch-size", "8", "--out", str(results)]
+  capsys.readouterr()
+  assert cli.main(zeroshot_args) == 2
+  assert "--dino-pooling" in capsys.readouterr().err
+  assert cli.main(zeroshot_args + ["--dino-pooling", "cls+avgpool"]) == 0
+  assert json.loads(results.read_text())["results"][0]["num_images"] == 18
 
 
 def test_zeroshot_command_errors(tmp_path, capsys):

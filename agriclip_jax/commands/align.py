@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   features.add_argument("--clip-features", type=Path, help=".npy [N, clip_dim], same rows")
   models = parser.add_argument_group("models + data")
   models.add_argument("--dino", type=Path, help="DINO backbone: model directory or .pth")
+  models.add_argument("--dino-pooling", default="cls",
+                      help="DINO ViT features: 'cls' (the reference's, default), 'cls+avgpool' or "
+                           "'lastN' (DINO's linear-evaluation choices); zero-shot must use the same")
   models.add_argument("--model", type=Path, help="CLIP model directory")
   models.add_argument("--data", help="data source: ImageFolder, manifest, shards, tfds:NAME[:SPLIT]")
   models.add_argument("--reserve-eval", type=float, default=0.0, metavar="FRACTION",
@@ -82,7 +85,7 @@ def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndar
                        np.int64)
     print(f"[align] reserved {len(source) - len(indices)} of {len(source)} items for evaluation")
   clip = features.clip_model_encoders(args.model, args.batch_size)
-  dino = features.dino_model_encoder(args.dino)
+  dino = features.dino_model_encoder(args.dino, pooling=args.dino_pooling)
   cache = features.FeatureCache(args.cache) if args.cache else None
   data_print = features.data_fingerprint(args.data, len(source))
   encoded = features.encode_source(source, indices, [dino, clip.image], args.batch_size,
@@ -123,8 +126,10 @@ def run(args: argparse.Namespace) -> int:
 
   summary = {**result.summary(), "rows": int(x.shape[0]), "seconds": seconds,
              "holdout_fraction": args.holdout, "seed": args.seed}
-  align.save_aligner(result.aligner, args.out, metadata={"method": result.method,
-                                                         "metrics": result.metrics})
+  metadata = {"method": result.method, "metrics": result.metrics}
+  if not have_arrays:
+    metadata["dino_pooling"] = args.dino_pooling  # the features zero-shot must give it
+  align.save_aligner(result.aligner, args.out, metadata=metadata)
   metrics_path = args.metrics_out or args.out.with_name(args.out.name + ".metrics.json")
   metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
   print(f"[align] {result.method}: {x.shape[1]} -> {y.shape[1]} on {x.shape[0]} rows in {seconds:.2f}s"

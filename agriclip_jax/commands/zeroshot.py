@@ -168,7 +168,7 @@ def load_models(args: argparse.Namespace, methods: Sequence[str]) -> Models:
   if any(m in ("agriclip", "ensemble") for m in methods):
     if args.dino is None or args.aligner is None:
       raise SystemExit(f"agriclip zeroshot: method(s) {list(methods)} need --dino and --aligner")
-    models.dino = features.dino_model_encoder(args.dino)
+    models.dino = features.dino_model_encoder(args.dino, pooling=args.dino_pooling)
     models.aligner = features.load_aligner_any(args.aligner)
   return models
 
@@ -177,6 +177,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", type=Path, help="CLIP model directory (text tower + image tower)")
   parser.add_argument("--dino", type=Path, help="DINO backbone: model directory or .pth")
   parser.add_argument("--aligner", type=Path, help="aligner: .pth | .safetensors | .npz | model dir")
+  parser.add_argument("--dino-pooling", default="cls",
+                      help="DINO ViT features the aligner was fitted on: 'cls' (default), "
+                           "'cls+avgpool' or 'lastN' (as given to `agriclip align`)")
   parser.add_argument("--data", help="ImageFolder (or any source with labels); tfds:NAME[:SPLIT]")
   parser.add_argument("--task", help="a registered task (its templates and class names)")
   parser.add_argument("--template", action="append",

@@ -170,10 +170,10 @@ class DINO(nn.Module):
       self.backbone = VisionTransformer(self.config.backbone)
     self.head = DINOHead(self.config.head, dtype=jnp.dtype(self.config.backbone.dtype))
 
-  def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def features(self, images: jax.Array, train: bool = False, **vit_pooling) -> jax.Array:
     """Backbone features [B, width]: the ViT class token or the ResNet's pooled output (what the
-    aligner and zero-shot consume)."""
-    return self.backbone(images, train=train)
+    aligner and zero-shot consume). `vit_pooling` (n_last_blocks, avgpool) goes to a ViT."""
+    return self.backbone(images, train=train, **vit_pooling)
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     return self.head(self.backbone(images, train=train))

@@ -114,6 +114,7 @@ class ResidualBlock(nn.Module):
   init_style: str = "clip"
   layers: int = 12  # depth of the whole stack, for the CLIP init scale
   scanned: bool = False  # the body of `nn.scan`: returns (output, None)
+  emit_output: bool = False  # as a scan body, return (output, output): the scan stacks them
 
   def _inits(self) -> tuple[Initializer, Initializer, Initializer, Initializer]:
     if self.init_style == "dino":
@@ -148,7 +149,9 @@ class ResidualBlock(nn.Module):
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_2")(x)
     y = MLP(self.width, self.mlp_dim, self.act, self.dtype, fc_init, proj_init, name="mlp")(y)
     x = x + branch_out(y)
-    return (x, None) if self.scanned else x
+    if self.scanned:
+      return x, (x if self.emit_output else None)
+    return x
 
 
 class Transformer(nn.Module):
@@ -180,7 +183,10 @@ class Transformer(nn.Module):
     return self.drop_path_rate * i / max(self.layers - 1, 1)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, keep_last: int = 0):
+    """The stack's output; with `keep_last` = n > 0, (output, the outputs of the last n blocks)."""
+    if not 0 <= keep_last <= self.layers:
+      raise ValueError(f"keep_last={keep_last}: the stack has {self.layers} blocks")
     block_cls = (nn.remat(ResidualBlock, policy=remat_policy(self.remat_policy)) if self.remat
                  else ResidualBlock)
     block_args = (self.width, self.heads, self.mlp_dim, self.act, self.ln_eps, self.causal)
@@ -189,12 +195,19 @@ class Transformer(nn.Module):
       stack = nn.scan(block_cls, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True}, in_axes=0,
                       length=self.layers)
-      x, _ = stack(*block_args, self.drop_path_rate, self.deterministic, self.dtype,
-                   self.init_style, self.layers, scanned=True, name="resblocks")(x, rates)
+      x, stacked = stack(*block_args, self.drop_path_rate, self.deterministic, self.dtype,
+                         self.init_style, self.layers, scanned=True, emit_output=keep_last > 0,
+                         name="resblocks")(x, rates)
+      if keep_last:
+        return x, tuple(stacked[i] for i in range(self.layers - keep_last, self.layers))
       return x
+    outputs = []
     for i in range(self.layers):
       x = block_cls(*block_args, self._layer_rate(i), self.deterministic, self.dtype,
                     self.init_style, self.layers, name=f"resblocks_{i}")(x)
+      outputs.append(x)
+    if keep_last:
+      return x, tuple(outputs[self.layers - keep_last:])
     return x
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,13 +58,59 @@ def interpolate_positions(positions: jax.Array, grid_size: int, flavour: str = "
   return jnp.concatenate([cls_pos, patch_pos.reshape(grid_size * grid_size, width)], axis=0)
 
 
+# DINO's frozen-feature choices (its linear evaluation): "cls" is the final class token (what the
+# AgriCLIP aligner reads), "cls+avgpool" adds the mean patch token (DINO's choice for ViT-B),
+# "lastN" concatenates the class tokens of the last N blocks (N = 4 for ViT-S/16 in DINO).
+_LAST_BLOCKS = re.compile(r"last([1-9][0-9]*)")
+
+
+def dino_pooling(spec: str) -> tuple[int, bool]:
+  """A pooling name ("cls", "cls+avgpool", "lastN") -> (n_last_blocks, avgpool)."""
+  if spec == "cls":
+    return 1, False
+  if spec == "cls+avgpool":
+    return 1, True
+  match = _LAST_BLOCKS.fullmatch(spec)
+  if match:
+    return int(match.group(1)), False
+  raise ValueError(f"unknown DINO pooling {spec!r}; expected 'cls', 'cls+avgpool' or 'lastN' "
+                   "(class tokens of the last N blocks, e.g. 'last4')")
+
+
+def check_dino_pooling(cfg: VisionConfig, n_last_blocks: int, avgpool: bool) -> None:
+  if cfg.output_dim is not None:
+    raise ValueError("DINO feature pooling (n_last_blocks / avgpool) applies to a ViT without "
+                     f"projection; this one projects to {cfg.output_dim}")
+  if not 1 <= n_last_blocks <= cfg.layers:
+    raise ValueError(f"n_last_blocks={n_last_blocks}: expected 1..{cfg.layers} (the ViT's depth)")
+  if avgpool and n_last_blocks != 1:
+    raise ValueError(f"avgpool goes with n_last_blocks=1 (DINO's layout), got {n_last_blocks}")
+
+
+def pooled_width(cfg: VisionConfig, n_last_blocks: int, avgpool: bool) -> int:
+  """Width of the features `VisionTransformer` returns for this pooling."""
+  if not n_last_blocks:
+    return cfg.out_features
+  return cfg.width * (n_last_blocks + int(avgpool))
+
+
 class VisionTransformer(nn.Module):
   config: VisionConfig
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """images: [B, H, W, 3], normalised. Returns [B, out_features] (not L2-normalised)."""
+  def __call__(self, images: jax.Array, train: bool = False, n_last_blocks: int = 0,
+               avgpool: bool = False) -> jax.Array:
+    """images: [B, H, W, 3], normalised. Returns [B, out_features] (not L2-normalised).
+
+    `n_last_blocks` = n > 0 (DINO flavour, no projection) returns DINO's linear-evaluation
+    features instead: the final-normed class tokens of the last n blocks, concatenated oldest
+    first ([B, n * width]); with `avgpool` (n = 1 only, as in DINO) the mean of the final-normed
+    patch tokens joins the class token, interleaved as DINO lays them out ([B, 2 * width]:
+    cls_0, avg_0, cls_1, avg_1, ...). See `dino_pooling`.
+    """
     cfg = self.config
+    if n_last_blocks or avgpool:
+      check_dino_pooling(cfg, n_last_blocks, avgpool)
     dtype = jnp.dtype(cfg.dtype)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"VisionTransformer expects images [B, H, W, 3]; got shape {images.shape}")
@@ -89,9 +137,18 @@ class VisionTransformer(nn.Module):
       x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_pre")(x)
     x = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.ln_eps,
                     causal=False, drop_path_rate=cfg.drop_path_rate, deterministic=not train,
-                    remat=cfg.remat, dtype=dtype, init_style=cfg.flavour, name="transformer")(x)
+                    remat=cfg.remat, dtype=dtype, init_style=cfg.flavour,
+                    name="transformer")(x, keep_last=n_last_blocks)
+    ln_post = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_post")
+    if n_last_blocks:
+      x, blocks = x
+      class_tokens = jnp.concatenate([ln_post(block[:, 0]) for block in blocks], axis=-1)
+      if not avgpool:
+        return class_tokens
+      patch_mean = jnp.mean(ln_post(blocks[-1][:, 1:]), axis=1)
+      return jnp.stack([class_tokens, patch_mean], axis=-1).reshape(batch, -1)
     # LayerNorm is per token, so normalising only the class token equals DINO's norm-then-select.
-    pooled = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_post")(x[:, 0])
+    pooled = ln_post(x[:, 0])
     if cfg.output_dim is None:
       return pooled
     proj = self.param("proj", nn.initializers.normal(scale), (cfg.width, cfg.output_dim))
