@@ -438,11 +438,11 @@ def _one_device():
   return jax.devices()[:1]
 
 
-def load_encoders(paths: dict[str, Path], batch_size: int) -> Encoders:
+def load_encoders(paths: dict[str, Path], batch_size: int, dino_pooling: str = "cls") -> Encoders:
   from agriclip_jax import features
   mesh = features.data_mesh(_one_device())
   return Encoders(features.clip_model_encoders(paths["clip"], batch_size, mesh),
-                  features.dino_model_encoder(paths["dino_backbone"]))
+                  features.dino_model_encoder(paths["dino_backbone"], pooling=dino_pooling))
 
 
 def fit_aligner(encoders: Encoders, source, config):
@@ -453,7 +453,8 @@ def fit_aligner(encoders: Encoders, source, config):
   dino, clip = encoded.features["dino"], encoded.features["clip_image"]
   result = align.fit_exact(align.iterate_chunks(dino, clip), ridge=config.align.ridge,
                            holdout=config.align.holdout, seed=config.seed)
-  log(f"aligner {dino.shape[1]} -> {clip.shape[1]} on {len(dino)} images: ridge {result.ridge:g}, "
+  log(f"aligner {dino.shape[1]} -> {clip.shape[1]} (DINO pooling {config.features.dino_pooling}) "
+      f"on {len(dino)} images: ridge {result.ridge:g}, "
       f"R^2 fit {result.metrics['fit']['r2']:.3f}"
       + (f", held-out {result.metrics['heldout']['r2']:.3f}" if "heldout" in result.metrics else ""))
   return result
@@ -575,14 +576,23 @@ def write_report(workdir: Path, rows: list[dict[str, Any]], document: dict[str, 
   return path
 
 
-def export_pytorch(paths: dict[str, Path], aligner, export_dir: Path) -> dict[str, Path]:
+def export_pytorch(paths: dict[str, Path], aligner, export_dir: Path,
+                   dino_pooling: str = "cls") -> dict[str, Path]:
   """PyTorch files through the converters: HF CLIPModel directory, DINO ViT state dict (DINO's
-  names), the reference aligner .pth {'W', 'b'}."""
-  from agriclip_jax import model_io
+  names), the reference aligner .pth {'W', 'b'}, and dino_features.json saying which DINO features
+  the aligner reads (DINO's get_intermediate_layers recipe: see models/vit.py)."""
+  from agriclip_jax import fileio, model_io
   from agriclip_jax.convert import registry
+  from agriclip_jax.models.vit import dino_pooling as parse_pooling
   export_dir.mkdir(parents=True, exist_ok=True)
   out = {"clip_hf": export_dir / "clip_hf", "dino_vit": export_dir / "dino_vit.pth",
-         "aligner": export_dir / "aligner.pth"}
+         "aligner": export_dir / "aligner.pth", "dino_features": export_dir / "dino_features.json"}
+  n_last_blocks, avgpool = parse_pooling(dino_pooling)
+  fileio.atomic_write_json(out["dino_features"], {
+      "pooling": dino_pooling, "n_last_blocks": n_last_blocks, "avgpool": avgpool,
+      "aligner_in_dim": aligner.in_dim,
+      "recipe": "concatenate norm(x)[:, 0] of the last n_last_blocks blocks, oldest first "
+                "(with avgpool: interleave with the mean of norm(x)[:, 1:], as DINO's eval_linear)"})
   registry.convert(paths["clip"], "flax", out["clip_hf"], "hf")
   registry.convert(paths["dino_backbone"], "flax", out["dino_vit"], "dino-vit")
   aligner_dir = model_io.save_model_dir(
@@ -638,10 +648,12 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
                         f"{train_cfg.data.image_size} px ({models.steps_per_second:.2f} steps/s "
                         f"after compilation)")
   with timer.stage("align", "features of the training images and the exact aligner"):
-    encoders = load_encoders(paths, config.features.batch_size)
+    encoders = load_encoders(paths, config.features.batch_size, config.features.dino_pooling)
     fitted = fit_aligner(encoders, data.train_source, config)
     aligner = fitted.aligner
-    summary["aligner"] = (f"exact least squares, ridge {fitted.ridge:g}, R^2 fit "
+    summary["aligner"] = (f"exact least squares on DINO features "
+                          f"'{config.features.dino_pooling}' ({aligner.in_dim}-d), ridge "
+                          f"{fitted.ridge:g}, R^2 fit "
                           f"{fitted.metrics['fit']['r2']:.3f}" +
                           (f", held-out {fitted.metrics['heldout']['r2']:.3f}"
                            if "heldout" in fitted.metrics else ""))
@@ -650,7 +662,7 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
     document = results_document(rows)
   if options.export:
     with timer.stage("export", "PyTorch: HF CLIP, DINO ViT state dict, aligner .pth"):
-      exports = export_pytorch(paths, aligner, workdir / "export")
+      exports = export_pytorch(paths, aligner, workdir / "export", config.features.dino_pooling)
       summary["exports"] = ", ".join(f"`{p.relative_to(workdir)}`" for p in exports.values())
   with timer.stage("report", "report.md, plots, results.json"):
     _write_json(workdir / "results.json", document)

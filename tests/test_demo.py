@@ -21,7 +21,8 @@ PER_TASK_MARGIN = 0.02
 # - Mean CLIP top-1 over the tasks of one kind, as a multiple of their mean chance:
 #   held-out images [1.95x], held-out combinations [2.45x].
 CLIP_OVER_CHANCE = {"heldout_images": 1.6, "heldout_combinations": 2.0}
-# - AgriCLIP (aligned DINO) on the held-out images, mean over the tasks [1.22x chance].
+# - AgriCLIP (aligned DINO, `last2` features) on the held-out images, mean over the tasks
+#   [1.24x chance; 1.66x for seed 0].
 AGRICLIP_OVER_CHANCE = 1.1
 # The style-shift tasks (other backgrounds and lighting) stay near chance at this size (13-24 %
 # for a 20 % chance): they are reported, not asserted; BENCHMARKS.md has the default-size numbers.
@@ -137,7 +138,11 @@ def test_exports_load_in_pytorch_and_match_the_flax_models(quick_run):
   saved = torch.load(export / "aligner.pth", map_location="cpu", weights_only=True)
   assert set(saved) == {"W", "b"}
   width = state["norm.weight"].shape[0]
-  assert tuple(saved["W"].shape) == (hf.config.projection_dim, width)
+  pooling = json.loads((export / "dino_features.json").read_text())
+  blocks = max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")) + 1
+  assert 1 <= pooling["n_last_blocks"] <= blocks
+  assert tuple(saved["W"].shape) == (hf.config.projection_dim,
+                                     width * (pooling["n_last_blocks"] + pooling["avgpool"]))
   assert tuple(saved["b"].shape) == (hf.config.projection_dim,)
   fitted = features.load_aligner_any(workdir / "models" / "aligner")
   np.testing.assert_array_equal(saved["W"].numpy(), fitted.weight)
