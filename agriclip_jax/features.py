@@ -403,6 +403,13 @@ def dino_model_encoder(path: str | os.PathLike, image_size: int = 224,
   if is_resnet and pooling != "cls":
     raise ValueError(f"{path}: a ResNet backbone has only its pooled features; DINO pooling "
                      f"{pooling!r} applies to a ViT (use 'cls')")
+  if not is_resnet:  # a pooling the ViT cannot give fails here, naming the model, not mid-batch
+    from agriclip_jax.models.configs import VisionConfig
+    from agriclip_jax.models.vit import check_dino_pooling
+    try:
+      check_dino_pooling(VisionConfig.from_dict(backbone_config), n_last_blocks, avgpool)
+    except ValueError as e:
+      raise ValueError(f"{path}: DINO pooling {pooling!r}: {e}") from None
   module, _ = model_io.build_model(model_type, config)
   size = int(backbone_config.get("image_size", image_size))
   vit_pooling = {} if is_resnet else {"n_last_blocks": n_last_blocks, "avgpool": avgpool}

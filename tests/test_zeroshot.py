@@ -241,6 +241,8 @@ def test_commands_align_zeroshot_report_on_real_photos(corn_dir, tmp_path, capsy
   capsys.readouterr()
   assert cli.main(zeroshot_args) == 2
   assert "--dino-pooling" in capsys.readouterr().err
+  assert cli.main(zeroshot_args + ["--dino-pooling", "last3"]) == 2  # the tiny ViT has 2 blocks
+  assert f"{dino_dir}: DINO pooling 'last3'" in capsys.readouterr().err
   assert cli.main(zeroshot_args + ["--dino-pooling", "cls+avgpool"]) == 0
   assert json.loads(results.read_text())["results"][0]["num_images"] == 18
 
