@@ -23,7 +23,7 @@ from agriclip_jax.convert import dino as dino_convert
 from agriclip_jax.convert import registry
 from agriclip_jax.models.configs import VisionConfig, vision_config
 from agriclip_jax.models.dino import DINO, DINOConfig, DINOHeadConfig
-from agriclip_jax.models.vit import VisionTransformer, dino_pooling, pooled_width
+from agriclip_jax.models.vit import VisionTransformer, dino_pooling
 from test_resnet import TorchResNet, nchw, randomise_batch_norms
 
 
@@ -245,7 +245,7 @@ def test_dino_linear_eval_pooling_matches_torch(tmp_path, pooling):
     want = dino_linear_eval_features(peer, nchw(image), n_last_blocks, avgpool).numpy()
   got = np.asarray(VisionTransformer(config).apply(converted.variables, image,
                                                    n_last_blocks=n_last_blocks, avgpool=avgpool))
-  assert got.shape == want.shape == (3, pooled_width(config, n_last_blocks, avgpool))
+  assert got.shape == want.shape == (3, 64 * (n_last_blocks + avgpool))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 

@@ -172,3 +172,27 @@ def test_config_errors_name_the_field():
   cfg = _config("contrastive", **{"mesh.data": 4, "mesh.fsdp": 4})
   with pytest.raises(ValueError, match="mesh"):
     config_lib.validate_config(cfg, n_devices=8)
+
+
+def test_init_from_reads_the_stored_model_config_and_names_a_wrong_model_type(tmp_path):
+  import json
+  from agriclip_jax.models.configs import clip_config, vision_config
+  from agriclip_jax.models.dino import DINOConfig, DINOHeadConfig
+  stored = DINOConfig(vision_config("tiny", flavour="dino", layers=3),
+                      DINOHeadConfig(out_dim=40, hidden_dim=24, bottleneck_dim=8))
+  for name, model_type, model_config in (("dino", "dino", stored.to_dict()),
+                                         ("clip", "clip", clip_config("tiny").to_dict())):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(
+        {"format_version": 1, "model_type": model_type, "config": model_config}))
+  cfg = _config("joint", **{"dino.init_from": str(tmp_path / "dino"),
+                            "clip.init_from": str(tmp_path / "clip")})
+  got = state_lib.dino_model_config(cfg)
+  assert got.head == stored.head and got.backbone.layers == 3  # the file's, not the run config's
+  assert state_lib.clip_model_config(cfg).vision.width == 64
+  cfg = _config("joint", **{"dino.init_from": str(tmp_path / "clip"),
+                            "clip.init_from": str(tmp_path / "dino")})
+  with pytest.raises(ValueError, match=r"dino.init_from=.* holds a 'clip' model, not a dino model"):
+    state_lib.dino_model_config(cfg)
+  with pytest.raises(ValueError, match=r"clip.init_from=.* holds a 'dino' model, not a clip model"):
+    state_lib.clip_model_config(cfg)

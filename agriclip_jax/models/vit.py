@@ -87,13 +87,6 @@ def check_dino_pooling(cfg: VisionConfig, n_last_blocks: int, avgpool: bool) -> 
     raise ValueError(f"avgpool goes with n_last_blocks=1 (DINO's layout), got {n_last_blocks}")
 
 
-def pooled_width(cfg: VisionConfig, n_last_blocks: int, avgpool: bool) -> int:
-  """Width of the features `VisionTransformer` returns for this pooling."""
-  if not n_last_blocks:
-    return cfg.out_features
-  return cfg.width * (n_last_blocks + int(avgpool))
-
-
 class VisionTransformer(nn.Module):
   config: VisionConfig
 

@@ -83,15 +83,21 @@ class TrainTask:
 # Model configs from the run config
 # ----------------------------------------------------------------------------------------------
 
+def _init_from_config(config: Any, part: str) -> dict[str, Any]:
+  """The model config stored in `config.<part>.init_from`, which must hold a `part` model."""
+  from agriclip_jax import model_io
+  path = config[part].init_from
+  meta = model_io.read_config(path)
+  if meta["model_type"] != part:
+    raise ValueError(f"{part}.init_from={path!r} holds a {meta['model_type']!r} model, "
+                     f"not a {part} model")
+  return meta["config"]
+
+
 def clip_model_config(config: Any) -> CLIPConfig:
   c = config.clip
   if c.get("init_from"):
-    from agriclip_jax import model_io
-    meta = model_io.read_config(c.init_from)
-    if meta["model_type"] != "clip":
-      raise ValueError(f"clip.init_from={c.init_from!r} holds a {meta['model_type']!r} model, "
-                       "not a clip model")
-    cfg = CLIPConfig.from_dict(meta["config"])
+    cfg = CLIPConfig.from_dict(_init_from_config(config, "clip"))
     vision = dataclasses.replace(cfg.vision, dtype=config.dtype, remat=config.remat)
     text = dataclasses.replace(cfg.text, dtype=config.dtype, remat=config.remat)
     return cfg.replace(vision=vision, text=text)
@@ -112,12 +118,7 @@ def clip_model_config(config: Any) -> CLIPConfig:
 def dino_model_config(config: Any) -> DINOConfig:
   d = config.dino
   if d.get("init_from"):
-    from agriclip_jax import model_io
-    meta = model_io.read_config(d.init_from)
-    if meta["model_type"] != "dino":
-      raise ValueError(f"dino.init_from={d.init_from!r} holds a {meta['model_type']!r} model, "
-                       "not a dino model")
-    cfg = DINOConfig.from_dict(meta["config"])
+    cfg = DINOConfig.from_dict(_init_from_config(config, "dino"))
     if isinstance(cfg.backbone, ResNetConfig):
       backbone = dataclasses.replace(cfg.backbone, dtype=config.dtype)
     else:
