@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
-VENV="$ROOT/.venv"
+# AGRICLIP_VENV chooses another environment, e.g. one with requirements.txt alone (as CI checks).
+VENV="${AGRICLIP_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 
 ensure_venv() {
@@ -18,15 +19,16 @@ ensure_venv() {
   fi
 }
 
-# Installs a requirements file once; reinstalls only when the file changes.
+# Installs a requirements file once; reinstalls only when the file changes. The package itself is
+# installed editable (for the `agriclip` command) in pip's isolated build environment, which
+# brings the setuptools and wheel that a new venv lacks.
 ensure_requirements() {
   local req="$1" stamp="$VENV/.installed-$(basename "$1")"
   local want; want=$(cat "$req" requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[run.sh] installing $req"
+    echo "[run.sh] installing $req and agriclip-jax into $VENV (first run, or the file changed)"
     "$PY" -m pip install --disable-pip-version-check -q -r "$req"
-    "$PY" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e . \
-      || "$PY" -m pip install --disable-pip-version-check -q --no-deps -e .
+    "$PY" -m pip install --disable-pip-version-check -q --no-deps -e .
     echo "$want" > "$stamp"
   fi
 }

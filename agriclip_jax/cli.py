@@ -56,11 +56,35 @@ def main(argv: list[str] | None = None) -> int:
   args = parse(sub_parser, argv[1:]) if parse else sub_parser.parse_args(argv[1:])
   try:
     return int(module.run(args) or 0)
-  except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
-    # Bad input is the user's to fix: one line naming the problem, not a traceback. Set
-    # AGRICLIP_DEBUG=1 to see where it came from.
+  except _expected_errors() as error:  # evaluated when an error arrives: sees what run() imported
+    # Bad input, a full disk, bad data: the user's to fix. One line naming the problem, not a
+    # traceback. Set AGRICLIP_DEBUG=1 to see where it came from.
     if os.environ.get("AGRICLIP_DEBUG"):
       raise
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"agriclip {name}: error: {message}", file=sys.stderr)
+    print(f"agriclip {name}: error: {describe_error(error)}", file=sys.stderr)
     return 2
+
+
+def describe_error(error: BaseException) -> str:
+  """An expected failure's message; an OSError from the system (it carries an errno) as
+  "FILE: reason", e.g. "runs/x/results.json: No space left on device"."""
+  if isinstance(error, KeyError) and error.args:
+    return str(error.args[0])
+  if isinstance(error, OSError) and error.errno is not None and error.strerror:
+    files = [str(f) for f in (error.filename, error.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {error.strerror}" if files else error.strerror
+  return str(error) or type(error).__name__
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+  """The failures the CLI reports as one line: bad values and files (ValueError, KeyError,
+  OSError incl. disk full and read-only), and the project's own error types, which say what is
+  wrong and where."""
+  errors: list[type[BaseException]] = [ValueError, KeyError, OSError, ImportError]
+  for module_name, class_name in (("input_pipeline.pipeline", "BadDataError"),
+                                  ("agriclip_jax.train.loop", "NonFiniteLossError"),
+                                  ("agriclip_jax.llm_paraphrase", "LLMError")):
+    module = sys.modules.get(module_name)  # only what the subcommand imported can be raised
+    if module is not None and hasattr(module, class_name):
+      errors.append(getattr(module, class_name))
+  return tuple(errors)

@@ -10,7 +10,8 @@
     align     exact least-squares aligner DINO -> CLIP on the training images' features
     zeroshot  every task with CLIP only, aligned DINO (AgriCLIP) and their ensemble
     report    W/report.md + PNG plots (`report.py`), W/results.json
-    export    PyTorch: HF CLIPModel directory, DINO ViT state dict, the reference aligner .pth
+    export    PyTorch: HF CLIPModel directory, DINO ViT and aligner state dicts (safetensors;
+              the reference .pth layouts too when torch is installed)
 
 Every stage prints its progress and wall time; the times also go to W/timings.json.
 """
@@ -576,17 +577,27 @@ def write_report(workdir: Path, rows: list[dict[str, Any]], document: dict[str, 
   return path
 
 
+def torch_available() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("torch") is not None
+
+
 def export_pytorch(paths: dict[str, Path], aligner, export_dir: Path,
                    dino_pooling: str = "cls") -> dict[str, Path]:
-  """PyTorch files through the converters: HF CLIPModel directory, DINO ViT state dict (DINO's
-  names), the reference aligner .pth {'W', 'b'}, and dino_features.json saying which DINO features
-  the aligner reads (DINO's get_intermediate_layers recipe: see models/vit.py)."""
-  from agriclip_jax import fileio, model_io
+  """PyTorch files through the converters: an HF CLIPModel directory, the DINO ViT state dict
+  (DINO's names) and the aligner {'W', 'b'} as safetensors, and dino_features.json saying which
+  DINO features the aligner reads (DINO's get_intermediate_layers recipe: see models/vit.py).
+
+  None of these needs PyTorch to write, and PyTorch reads them all (`CLIPModel.from_pretrained`,
+  `safetensors.torch.load_file`). The reference's torch.save layouts (dino_vit.pth, aligner.pth)
+  are written too when torch is installed; without it one line says how to make them later."""
+  from agriclip_jax import align, fileio
   from agriclip_jax.convert import registry
   from agriclip_jax.models.vit import dino_pooling as parse_pooling
   export_dir.mkdir(parents=True, exist_ok=True)
-  out = {"clip_hf": export_dir / "clip_hf", "dino_vit": export_dir / "dino_vit.pth",
-         "aligner": export_dir / "aligner.pth", "dino_features": export_dir / "dino_features.json"}
+  out = {"clip_hf": export_dir / "clip_hf", "dino_vit": export_dir / "dino_vit.safetensors",
+         "aligner": export_dir / "aligner.safetensors",
+         "dino_features": export_dir / "dino_features.json"}
   n_last_blocks, avgpool = parse_pooling(dino_pooling)
   fileio.atomic_write_json(out["dino_features"], {
       "pooling": dino_pooling, "n_last_blocks": n_last_blocks, "avgpool": avgpool,
@@ -595,11 +606,20 @@ def export_pytorch(paths: dict[str, Path], aligner, export_dir: Path,
                 "(with avgpool: interleave with the mean of norm(x)[:, 1:], as DINO's eval_linear)"})
   registry.convert(paths["clip"], "flax", out["clip_hf"], "hf")
   registry.convert(paths["dino_backbone"], "flax", out["dino_vit"], "dino-vit")
-  aligner_dir = model_io.save_model_dir(
-      paths["clip"].parent / "aligner", "linear_aligner",
-      {"in_dim": aligner.in_dim, "out_dim": aligner.out_dim},
-      {"params": {"kernel": np.ascontiguousarray(aligner.weight.T), "bias": aligner.bias}})
-  registry.convert(aligner_dir, "flax", out["aligner"], "agriclip-aligner")
+  align.save_aligner(aligner, out["aligner"], metadata={"dino_pooling": dino_pooling})
+  reference_layouts = {"dino_vit_pth": (out["dino_vit"], "dino-vit", export_dir / "dino_vit.pth"),
+                       "aligner_pth": (out["aligner"], "agriclip-aligner",
+                                       export_dir / "aligner.pth")}
+  if torch_available():
+    for name, (src, fmt, dst) in reference_layouts.items():
+      registry.convert(src, fmt, dst, fmt)
+      out[name] = dst
+  else:
+    log("torch is not installed: skipped the reference torch.save layouts "
+        f"({', '.join(dst.name for _, _, dst in reference_layouts.values())}); the .safetensors "
+        "files hold the same tensors. After `pip install torch`: " + "; ".join(
+            f"agriclip convert --src {src} --src-format {fmt} --dst {dst} --dst-format {fmt}"
+            for src, fmt, dst in reference_layouts.values()))
   for name, path in out.items():
     log(f"export {name}: {path}")
   return out
@@ -621,6 +641,7 @@ class DemoOptions:
 
 def run_demo(options: DemoOptions, config) -> dict[str, Any]:
   """Runs every stage; returns the results document (also written to W/results.json)."""
+  from agriclip_jax import align
   workdir = Path(options.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   timer = StageTimer()
@@ -651,6 +672,9 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
     encoders = load_encoders(paths, config.features.batch_size, config.features.dino_pooling)
     fitted = fit_aligner(encoders, data.train_source, config)
     aligner = fitted.aligner
+    paths["aligner"] = align.save_aligner(
+        aligner, workdir / "models" / "aligner.safetensors",
+        metadata={"dino_pooling": config.features.dino_pooling})
     summary["aligner"] = (f"exact least squares on DINO features "
                           f"'{config.features.dino_pooling}' ({aligner.in_dim}-d), ridge "
                           f"{fitted.ridge:g}, R^2 fit "
@@ -660,14 +684,16 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
   with timer.stage("zeroshot", f"{len(data.tasks)} tasks x {len(METHODS)} methods"):
     rows = [row for task in data.tasks for row in evaluate_task(task, encoders, aligner, config)]
     document = results_document(rows)
-  if options.export:
-    with timer.stage("export", "PyTorch: HF CLIP, DINO ViT state dict, aligner .pth"):
-      exports = export_pytorch(paths, aligner, workdir / "export", config.features.dino_pooling)
-      summary["exports"] = ", ".join(f"`{p.relative_to(workdir)}`" for p in exports.values())
+  # Results and report first: a failing export must not lose the evaluation.
   with timer.stage("report", "report.md, plots, results.json"):
     _write_json(workdir / "results.json", document)
     _write_json(workdir / "rows.json", {"results": rows})
     write_report(workdir, rows, document, timer, summary, models.history)
+  if options.export:
+    with timer.stage("export", "PyTorch: HF CLIP, DINO ViT and aligner state dicts"):
+      exports = export_pytorch(paths, aligner, workdir / "export", config.features.dino_pooling)
+      summary["exports"] = ", ".join(f"`{p.relative_to(workdir)}`" for p in exports.values())
+    write_report(workdir, rows, document, timer, summary, models.history)  # now with the exports
   timings = dict(timer.seconds, total=timer.total)
   _write_json(workdir / "timings.json", timings)
   for line in _comparison_lines(document):

@@ -9,6 +9,7 @@ Standard library only: the input pipeline imports this without paying for jax or
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -38,18 +39,34 @@ def _claim_temporary(final: Path, create: Callable[[Path], None]) -> Path:
   raise FileExistsError(f"no free temporary name beside {final} after 100 tries")
 
 
-def atomic_directory(final: Path, write: Callable[[Path], None]) -> Path:
+def atomic_directory(final: Path, write: Callable[[Path], None], keep_others: bool = False) -> Path:
   """Writes a directory under a temporary name beside `final`, then swaps it in.
 
   `write(tmp)` fills the (existing, empty) directory `tmp`. A failure while writing leaves
   `final` as it was (absent or the previous version).
+
+  An existing `final` is replaced only when nothing in it would be lost: every entry it holds is
+  one that `write` has just written again (a previous output of the same kind). Other entries
+  make it an error naming them, before anything is moved; with `keep_others` they are moved into
+  the new directory instead, so only the files this write produces are replaced.
   """
   final = Path(final)
+  refuse_to_replace_with_directory(final)
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = _claim_temporary(final, lambda candidate: os.mkdir(candidate, 0o777))
+  kept: list[str] = []  # entries of the old `final` moved into `tmp` (keep_others)
   try:
     write(tmp)
     if final.exists():
+      others = sorted(set(os.listdir(final)) - set(os.listdir(tmp)))
+      if others and not keep_others:
+        raise FileExistsError(
+            f"{final}: exists and holds files this output does not write ({_listing(others)}); "
+            f"refusing to replace it. Choose a new or empty destination, or pass --overwrite to "
+            f"replace only the files written here")
+      for name in others:
+        os.replace(final / name, tmp / name)
+        kept.append(name)
       # Directories cannot be replaced by one rename: move the old one aside first.
       old = final.with_name(f".{final.name}.old-{os.getpid()}")
       os.replace(final, old)
@@ -62,8 +79,59 @@ def atomic_directory(final: Path, write: Callable[[Path], None]) -> Path:
     else:
       os.replace(tmp, final)
   except BaseException:
+    for name in kept:  # the swap did not happen: the kept entries go back where they were
+      os.replace(tmp / name, final / name)
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  return final
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+  shown = ", ".join(names[:limit])
+  return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def refuse_to_replace_with_directory(final: Path) -> None:
+  """An existing file where a directory is to be written is an error, not something to replace."""
+  if final.exists() and not final.is_dir():
+    raise FileExistsError(f"{final}: exists and is a file; this output is a directory. Choose "
+                          f"another destination or remove the file")
+
+
+def refuse_to_replace_with_file(final: Path) -> None:
+  """An existing directory where a file is to be written is an error naming it."""
+  if final.is_dir():
+    raise IsADirectoryError(f"{final}: exists and is a directory; this output is a file. Choose "
+                            f"another destination (e.g. {final / 'out'}{final.suffix})")
+
+
+def check_writable(final: str | os.PathLike, needed_bytes: int | None = None,
+                   directory: bool = False, marker: str | None = None) -> Path:
+  """Checks, before any compute, that `final` can be written: not the wrong kind of thing already,
+  its folder can be created and written to, and (when the size is known) it has room for it.
+
+  For a directory output, `marker` names the file every previous output of its kind holds (e.g.
+  config.json): an existing, non-empty directory without it is refused here, before the work,
+  instead of by atomic_directory after it. Raises FileExistsError / IsADirectoryError /
+  PermissionError / OSError naming `final`.
+  """
+  final = Path(final)
+  (refuse_to_replace_with_directory if directory else refuse_to_replace_with_file)(final)
+  if directory and marker and final.is_dir() and any(final.iterdir()) and not (final / marker).exists():
+    raise FileExistsError(f"{final}: exists, is not empty and holds no {marker}, so it is not a "
+                          f"previous output of this kind ({_listing(sorted(os.listdir(final)))}); "
+                          f"refusing to replace it. Choose a new or empty destination")
+  try:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _claim_temporary(final, _create_empty_file).unlink()
+  except OSError as e:  # read-only filesystem, no permission: name the folder, not the probe
+    raise OSError(e.errno, f"{e.strerror} (cannot write output {final.name} there)",
+                  str(final.parent)) from e
+  if needed_bytes is not None:
+    free = shutil.disk_usage(final.parent).free
+    if free < needed_bytes:
+      raise OSError(errno.ENOSPC, f"No space left on device: {needed_bytes / 2**20:.1f} MiB "
+                    f"needed, {free / 2**20:.1f} MiB free", str(final))
   return final
 
 
@@ -73,6 +141,7 @@ def atomic_file(final: Path, write: Callable[[Path], None]) -> Path:
   `write(tmp)` overwrites the file `tmp` (it exists, empty, when called).
   """
   final = Path(final)
+  refuse_to_replace_with_file(final)
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = _claim_temporary(final, _create_empty_file)
   try:

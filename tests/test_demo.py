@@ -4,6 +4,9 @@ chance on every downstream task; plus the pieces of the own-data path that need 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +32,37 @@ AGRICLIP_OVER_CHANCE = 1.1
 IN_STYLE_KINDS = ("heldout_images", "heldout_combinations")
 
 
+WITHOUT_TORCH = Path(__file__).resolve().parent / "without_torch"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def agriclip_without_torch(*args: str) -> subprocess.CompletedProcess:
+  """`python -m agriclip_jax ARGS` in a process where torch, torchvision, timm and open_clip cannot
+  be imported: what a machine with requirements.txt alone gives `./run.sh`."""
+  path = os.pathsep.join(p for p in (str(WITHOUT_TORCH), str(REPO_ROOT),
+                                     os.environ.get("PYTHONPATH", "")) if p)
+  return subprocess.run([sys.executable, "-m", "agriclip_jax", *args], capture_output=True,
+                        text=True, timeout=1200, env=dict(os.environ, PYTHONPATH=path))
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("demo")
-  config = demo.load_config(demo.DEFAULT_CONFIG, "quick")
-  document = demo.run_demo(demo.DemoOptions(workdir), config)
-  return workdir, document
+  """The quick demo through its command, without PyTorch (the main job must not need it)."""
+  workdir = tmp_path_factory.mktemp("demo") / "run"
+  process = agriclip_without_torch("demo", "--quick", "--workdir", str(workdir))
+  assert process.returncode == 0, process.stderr[-4000:]
+  return workdir, json.loads((workdir / "results.json").read_text()), process
+
+
+def test_the_torch_blocker_really_hides_torch():
+  process = subprocess.run(
+      [sys.executable, "-c", "import importlib.util, sys; "
+       "sys.exit(importlib.util.find_spec('torch') is not None)"],
+      env=dict(os.environ, PYTHONPATH=str(WITHOUT_TORCH)), capture_output=True, text=True)
+  assert process.returncode == 0, process.stderr
+  process = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(WITHOUT_TORCH)))
+  assert process.returncode != 0 and "ModuleNotFoundError" in process.stderr
 
 
 def _is_png(path: Path) -> bool:
@@ -42,7 +70,7 @@ def _is_png(path: Path) -> bool:
 
 
 def test_quick_demo_writes_report_plots_and_timings(quick_run):
-  workdir, document = quick_run
+  workdir, document, _ = quick_run
   report = (workdir / "report.md").read_text()
   for task in document["tasks"]:
     assert f"| {task} |" in report
@@ -59,7 +87,7 @@ def test_quick_demo_writes_report_plots_and_timings(quick_run):
 
 
 def test_results_json_has_exactly_the_promised_shape(quick_run):
-  workdir, document = quick_run
+  workdir, document, _ = quick_run
   on_disk = json.loads((workdir / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(document))
   assert set(on_disk) == {"tasks", "mean"}
@@ -82,7 +110,7 @@ def test_results_json_has_exactly_the_promised_shape(quick_run):
 def test_accuracy_comes_from_the_saved_predictions(quick_run):
   # Each accuracy is the trace of the task's confusion matrix over its images (rows.json), so the
   # summary cannot drift from what was actually predicted.
-  workdir, document = quick_run
+  workdir, document, _ = quick_run
   rows = json.loads((workdir / "rows.json").read_text())["results"]
   for row in rows:
     confusion = np.asarray(row["confusion"])
@@ -98,7 +126,7 @@ def _mean_over_kind(tasks: dict, kind: str, key: str) -> float:
 
 
 def test_zero_shot_beats_chance_on_the_in_style_tasks(quick_run):
-  _, document = quick_run
+  _, document, _ = quick_run
   tasks = document["tasks"]
   assert {t["kind"] for t in tasks.values()} == {*IN_STYLE_KINDS, "style_shift"}
   for name, task in tasks.items():
@@ -112,30 +140,36 @@ def test_zero_shot_beats_chance_on_the_in_style_tasks(quick_run):
   assert agriclip >= AGRICLIP_OVER_CHANCE * chance, (agriclip, chance)
 
 
-def test_exports_load_in_pytorch_and_match_the_flax_models(quick_run):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  from agriclip_jax import features
-  workdir, _ = quick_run
+def test_exports_written_without_torch_load_in_pytorch_and_match_the_flax_models(quick_run):
+  # The demo ran without torch; torch "installed afterwards" (this process) reads every export.
+  import torch
+  import transformers
+  from safetensors.torch import load_file
+
+  from agriclip_jax import align, features
+  workdir, _, process = quick_run
   export = workdir / "export"
+  assert "torch is not installed: skipped the reference torch.save layouts" in process.stderr
+  assert not (export / "dino_vit.pth").exists() and not (export / "aligner.pth").exists()
+  report = (workdir / "report.md").read_text()
+  assert "export/dino_vit.safetensors" in report and "export/aligner.safetensors" in report
+
   hf = transformers.CLIPModel.from_pretrained(export / "clip_hf").eval()
-  encoders = features.clip_model_encoders(workdir / "models" / "clip", batch_size=8,
-                                          mesh=features.data_mesh(__import__("jax").devices()[:1]))
+  mesh = features.data_mesh(__import__("jax").devices()[:1])
+  encoders = features.clip_model_encoders(workdir / "models" / "clip", batch_size=8, mesh=mesh)
   size = hf.config.vision_config.image_size
   images = np.random.default_rng(0).normal(size=(3, size, size, 3)).astype(np.float32)
-  ours = features.apply_in_batches(encoders.image.apply, images, 8,
-                                   features.data_mesh(__import__("jax").devices()[:1]),
+  ours = features.apply_in_batches(encoders.image.apply, images, 8, mesh,
                                    params=encoders.image.params)
   with torch.no_grad():
     theirs = hf.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
   theirs = getattr(theirs, "pooler_output", theirs)  # newer transformers return an output object
   np.testing.assert_allclose(np.asarray(theirs), ours, rtol=1e-3, atol=1e-4)
 
-  state = torch.load(export / "dino_vit.pth", map_location="cpu", weights_only=True)
+  state = load_file(str(export / "dino_vit.safetensors"))
   assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"} <= set(state)
   assert any(k.startswith("blocks.0.attn.qkv") for k in state)
-
-  saved = torch.load(export / "aligner.pth", map_location="cpu", weights_only=True)
+  saved = load_file(str(export / "aligner.safetensors"))
   assert set(saved) == {"W", "b"}
   width = state["norm.weight"].shape[0]
   pooling = json.loads((export / "dino_features.json").read_text())
@@ -143,10 +177,32 @@ def test_exports_load_in_pytorch_and_match_the_flax_models(quick_run):
   assert 1 <= pooling["n_last_blocks"] <= blocks
   assert tuple(saved["W"].shape) == (hf.config.projection_dim,
                                      width * (pooling["n_last_blocks"] + pooling["avgpool"]))
-  assert tuple(saved["b"].shape) == (hf.config.projection_dim,)
-  fitted = features.load_aligner_any(workdir / "models" / "aligner")
+  fitted = align.load_aligner(workdir / "models" / "aligner.safetensors")
   np.testing.assert_array_equal(saved["W"].numpy(), fitted.weight)
   np.testing.assert_array_equal(saved["b"].numpy(), fitted.bias)
+
+
+def test_the_reference_pth_layouts_come_from_the_command_the_demo_names(quick_run, tmp_path):
+  # With torch present, the commands the demo printed give the reference .pth files, holding the
+  # very tensors of the safetensors exports.
+  import torch
+  from safetensors.torch import load_file
+
+  from agriclip_jax import cli
+  workdir, _, process = quick_run
+  commands = process.stderr.split("After `pip install torch`: ", 1)[1].splitlines()[0].split("; ")
+  assert len(commands) == 2
+  for command in commands:
+    words = command.split()
+    assert words[:2] == ["agriclip", "convert"]
+    assert cli.main(words[1:]) == 0
+  export = workdir / "export"
+  for name in ("dino_vit", "aligner"):
+    pth = torch.load(export / f"{name}.pth", map_location="cpu", weights_only=True)
+    tensors = load_file(str(export / f"{name}.safetensors"))
+    assert set(pth) == set(tensors)
+    for key, value in tensors.items():
+      assert torch.equal(pth[key], value), (name, key)
 
 
 # ------------------------------------------------------------------------------------------------

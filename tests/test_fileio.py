@@ -71,16 +71,74 @@ def test_atomic_directory_failure_keeps_previous_directory(tmp_path):
   assert (target / "config.json").read_text() == "{}"
 
 
-def test_atomic_directory_success_replaces_whole_directory(tmp_path):
+def test_atomic_directory_replaces_a_previous_output_of_the_same_files(tmp_path):
   target = tmp_path / "model"
   target.mkdir()
-  (target / "stale.bin").write_bytes(b"x")
+  (target / "weights.bin").write_bytes(b"old")
   fileio.atomic_directory(target, lambda tmp: (tmp / "weights.bin").write_bytes(b"w"))
   assert _names(tmp_path) == ["model"]
-  assert _names(target) == ["weights.bin"]
+  assert _names(target) == ["weights.bin"] and (target / "weights.bin").read_bytes() == b"w"
   plain = tmp_path / "plain"
   plain.mkdir()
   assert target.stat().st_mode == plain.stat().st_mode
+
+
+def test_atomic_directory_refuses_to_drop_files_it_does_not_write(tmp_path):
+  target = tmp_path / "model"
+  target.mkdir()
+  (target / "notes.txt").write_bytes(b"mine")
+  (target / "weights.bin").write_bytes(b"old")
+  with pytest.raises(FileExistsError, match=r"model: exists and holds files this output does not "
+                                            r"write \(notes.txt\)"):
+    fileio.atomic_directory(target, lambda tmp: (tmp / "weights.bin").write_bytes(b"w"))
+  assert _names(tmp_path) == ["model"]
+  assert {p.name: p.read_bytes() for p in target.iterdir()} == {"notes.txt": b"mine",
+                                                                "weights.bin": b"old"}
+
+
+def test_atomic_directory_keep_others_replaces_only_its_own_files(tmp_path):
+  target = tmp_path / "model"
+  target.mkdir()
+  (target / "notes.txt").write_bytes(b"mine")
+  (target / "weights.bin").write_bytes(b"old")
+  fileio.atomic_directory(target, lambda tmp: (tmp / "weights.bin").write_bytes(b"w"),
+                          keep_others=True)
+  assert _names(tmp_path) == ["model"]
+  assert {p.name: p.read_bytes() for p in target.iterdir()} == {"notes.txt": b"mine",
+                                                                "weights.bin": b"w"}
+
+
+def test_atomic_directory_keep_others_gives_them_back_when_the_swap_fails(tmp_path, monkeypatch):
+  target = tmp_path / "model"
+  target.mkdir()
+  (target / "notes.txt").write_bytes(b"mine")
+  real_replace = os.replace
+
+  def replace(src, dst):
+    if Path(dst) == target and ".tmp-" in Path(src).name:  # the swap of the new directory in
+      raise OSError(28, "No space left on device")
+    real_replace(src, dst)
+
+  monkeypatch.setattr(fileio.os, "replace", replace)
+  with pytest.raises(OSError):
+    fileio.atomic_directory(target, lambda tmp: (tmp / "weights.bin").write_bytes(b"w"),
+                            keep_others=True)
+  monkeypatch.undo()
+  assert _names(tmp_path) == ["model"]
+  assert {p.name: p.read_bytes() for p in target.iterdir()} == {"notes.txt": b"mine"}
+
+
+def test_existing_file_and_directory_of_the_wrong_kind_are_refused(tmp_path):
+  a_file = tmp_path / "out"
+  a_file.write_bytes(b"keep")
+  with pytest.raises(FileExistsError, match="out: exists and is a file"):
+    fileio.atomic_directory(a_file, lambda tmp: (tmp / "x").write_bytes(b"x"))
+  a_dir = tmp_path / "dir.json"
+  a_dir.mkdir()
+  with pytest.raises(IsADirectoryError, match="dir.json: exists and is a directory"):
+    fileio.atomic_write_json(a_dir, {"a": 1})
+  assert a_file.read_bytes() == b"keep" and a_dir.is_dir()
+  assert _names(tmp_path) == ["dir.json", "out"]
 
 
 def test_atomic_write_json_round_trips(tmp_path):

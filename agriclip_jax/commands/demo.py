@@ -12,7 +12,6 @@ W/export/ (PyTorch files).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -41,22 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from agriclip_jax import demo
   if not 0.0 <= args.holdout < 1.0:
-    print(f"error: --holdout must be in [0, 1), got {args.holdout}", file=sys.stderr)
-    return 2
+    raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
   real = args.data is not None
   default_arg = ("real_quick" if args.quick else "real") if real else (
       "quick" if args.quick else "default")
-  spec = args.config or str(demo.DEFAULT_CONFIG)
-  try:
-    config = demo.load_config(spec, default_arg)
-    if args.seed is not None:
-      config.seed = args.seed
-      config.train.seed = args.seed
-    demo.apply_overrides(config, args.overrides)
-    options = demo.DemoOptions(args.workdir, args.data, args.metadata, tuple(args.evals),
-                               args.holdout, export=not args.no_export)
-    demo.run_demo(options, config)
-  except (ValueError, KeyError, FileNotFoundError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  config = demo.load_config(args.config or str(demo.DEFAULT_CONFIG), default_arg)
+  if args.seed is not None:
+    config.seed = args.seed
+    config.train.seed = args.seed
+  demo.apply_overrides(config, args.overrides)
+  options = demo.DemoOptions(args.workdir, args.data, args.metadata, tuple(args.evals),
+                             args.holdout, export=not args.no_export)
+  demo.run_demo(options, config)
   return 0
