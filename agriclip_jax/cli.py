@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 # name -> (module, one-line help). Order is the order of the data flow.
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
   if name not in SUBCOMMANDS:
     parser.error(f"unknown subcommand {name!r}; choose one of: {', '.join(SUBCOMMANDS)}")
   module_name, help_text = SUBCOMMANDS[name]
+  exit_on_sigterm()
   module = importlib.import_module(module_name)
   sub_parser = argparse.ArgumentParser(prog=f"agriclip {name}", description=help_text)
   module.add_arguments(sub_parser)
@@ -63,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"agriclip {name}: error: {describe_error(error)}", file=sys.stderr)
     return 2
+
+
+def exit_on_sigterm() -> None:
+  """SIGTERM ends the command by raising SystemExit(143) instead of killing the process outright,
+  so the cleanup of an interrupted write (fileio's temporaries) runs as it does on Ctrl-C.
+  Training installs its own handler for the duration of the loop (save, then stop)."""
+  def handler(signum, frame):
+    del frame
+    raise SystemExit(128 + signum)
+  signal.signal(signal.SIGTERM, handler)
 
 
 def describe_error(error: BaseException) -> str:

@@ -145,3 +145,25 @@ def test_a_write_that_fills_the_disk_leaves_nothing_behind(small_mount):
   assert error.value.errno == 28
   assert os.listdir(mount) == ["results.json"]
   assert (mount / "results.json").read_text() == '{"previous": true}\n'
+
+
+def test_sigterm_during_a_write_leaves_no_temporary(tmp_path):
+  # The command's SIGTERM handler turns the signal into SystemExit, so an interrupted atomic write
+  # removes its hidden temporary (before, `.NAME.tmp-*` stayed behind after `kill`).
+  import signal
+  import sys
+  script = ("import sys, time\n"
+            "from pathlib import Path\n"
+            "from agriclip_jax import cli, fileio\n"
+            "cli.exit_on_sigterm()\n"
+            "def write(tmp):\n"
+            "  tmp.write_bytes(b'partial')\n"
+            "  print('writing', flush=True)\n"
+            "  time.sleep(120)\n"
+            f"fileio.atomic_file(Path({str(tmp_path / 'embeddings.npz')!r}), write)\n")
+  process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+  assert process.stdout.readline().strip() == "writing"
+  assert len(os.listdir(tmp_path)) == 1 and os.listdir(tmp_path)[0].startswith(".embeddings.npz.tmp-")
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=60) == 128 + signal.SIGTERM
+  assert os.listdir(tmp_path) == []
