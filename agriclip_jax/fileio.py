@@ -153,6 +153,26 @@ def atomic_file(final: Path, write: Callable[[Path], None]) -> Path:
   return final
 
 
+def atomic_torch_save(final: str | os.PathLike, obj: Any) -> Path:
+  """torch.save(obj) to `final` atomically; a full disk is OSError(ENOSPC) naming `final`.
+
+  torch's zip writer reports a failed write as RuntimeError ("unexpected pos 64 vs 0"); the
+  free space left beside the file tells whether that was the disk filling up.
+  """
+  import torch  # only callers that write the reference .pth layouts need it
+  final = Path(final)
+
+  def write(tmp: Path) -> None:
+    try:
+      torch.save(obj, tmp)
+    except RuntimeError as e:
+      if shutil.disk_usage(tmp.parent).free < max(tmp.stat().st_size, 1) + 2**20:
+        raise OSError(errno.ENOSPC, "No space left on device", str(final)) from e
+      raise OSError(errno.EIO, f"torch.save failed ({e})", str(final)) from e
+
+  return atomic_file(final, write)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
   """Writes `text` (UTF-8) to `path` atomically."""
   return atomic_file(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))

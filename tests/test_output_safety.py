@@ -167,3 +167,25 @@ def test_sigterm_during_a_write_leaves_no_temporary(tmp_path):
   process.send_signal(signal.SIGTERM)
   assert process.wait(timeout=60) == 128 + signal.SIGTERM
   assert os.listdir(tmp_path) == []
+
+
+def test_torch_save_on_a_full_disk_is_one_line_naming_the_file(small_mount):
+  # torch's own message is "unexpected pos 64 vs 0"; the project's says what happened and where.
+  import torch
+  mount, _ = small_mount
+  with pytest.raises(OSError) as error:
+    fileio.atomic_torch_save(mount / "dino_rn50.pth", {"w": torch.zeros(600_000)})  # 2.4 MB
+  assert error.value.errno == 28 and error.value.filename == str(mount / "dino_rn50.pth")
+  assert cli.describe_error(error.value) == f"{mount / 'dino_rn50.pth'}: No space left on device"
+  assert os.listdir(mount) == []
+
+
+def test_garbage_bytes_named_as_a_pth_are_not_called_pickled_objects(tmp_path, capsys):
+  src = tmp_path / "dino_pretrain.pth"
+  src.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+                  .replace(b"\x80", b"\x81").replace(b"PK", b"QK"))
+  code = cli.main(["convert", "--src", str(src), "--src-format", "dino-rn50",
+                   "--dst", str(tmp_path / "out"), "--dst-format", "flax"])
+  message = capsys.readouterr().err.strip()
+  assert code == 2 and message.startswith(f"agriclip convert: error: {src}: not a PyTorch file")
+  assert "pickled" not in message and sorted(os.listdir(tmp_path)) == ["dino_pretrain.pth"]

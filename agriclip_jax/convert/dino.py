@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from agriclip_jax import model_io
+from agriclip_jax import fileio, model_io
 from agriclip_jax.convert.registry import ConvertedModel
 from agriclip_jax.models.resnet import RESNET_STAGES, ResNetConfig
 
@@ -48,6 +48,14 @@ DINO_HEAD_DIM = 64  # DINO ViT-S/16 (384 / 6) and ViT-B/16 (768 / 12); heads are
 # Loading torch / safetensors files safely
 # ---------------------------------------------------------------------------------------------
 
+def looks_like_torch_file(path: Path) -> bool:
+  """torch.save writes a zip archive (or, before PyTorch 1.6, a pickle: protocol byte 0x80)."""
+  import zipfile
+  with open(path, "rb") as handle:
+    first = handle.read(1)
+  return first == b"\x80" or zipfile.is_zipfile(path)
+
+
 def load_torch_file(path: Path) -> Any:
   """torch.load(weights_only=True) with errors that name the file and what is wrong."""
   import pickle
@@ -56,13 +64,16 @@ def load_torch_file(path: Path) -> Any:
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"weights file not found: {path}")
+  if not looks_like_torch_file(path):
+    raise ValueError(f"{path}: not a PyTorch file (neither torch.save's zip archive nor a "
+                     f"pickle); it may be damaged or of another format")
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise ValueError(f"{path}: refused: the file holds pickled Python objects beyond tensors and "
                      f"containers, and is loaded only with torch.load(weights_only=True) ({e}). "
                      f"Re-save its state_dict() with torch.save.") from e
-  except (RuntimeError, EOFError, OSError) as e:
+  except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
     raise ValueError(f"{path}: not a readable PyTorch file ({e}); it may be truncated") from e
 
 
@@ -520,9 +531,24 @@ def _to_torch(value: Any):
 
 
 def save_torch_file(data: Mapping[str, Any], dst: Path) -> None:
-  import torch
-  tensors = _to_torch(data)
-  model_io.atomic_file(Path(dst), lambda tmp: torch.save(tensors, tmp))
+  """A state dict as `.safetensors` (needs no PyTorch; `safetensors.torch.load_file` reads it
+  back as the same state dict) or as a torch.save file (`.pth`, `.pt`, ...), written atomically."""
+  dst = Path(dst)
+  if dst.suffix == ".safetensors":
+    from safetensors.numpy import save_file
+    nested = sorted(k for k, v in data.items() if isinstance(v, Mapping))
+    if nested:
+      raise ValueError(f"{dst}: safetensors holds flat state dicts; entries {nested} are nested "
+                       f"(write a .pth)")
+    arrays = {k: np.ascontiguousarray(v) for k, v in data.items()}
+    model_io.atomic_file(dst, lambda tmp: save_file(arrays, str(tmp), metadata={"format": "pt"}))
+    return
+  try:
+    import torch  # noqa: F401  (checked here for the message; _to_torch uses it)
+  except ImportError as e:
+    raise ImportError(f"{dst}: writing a torch.save file needs PyTorch (pip install torch); a "
+                      f".safetensors destination needs only the safetensors package") from e
+  fileio.atomic_torch_save(dst, _to_torch(data))
 
 
 def _require_type(model: ConvertedModel, allowed: tuple[str, ...], fmt: str) -> None:
@@ -650,7 +676,7 @@ def write_timm_dino_vit(model: ConvertedModel, dst: Path, options: Mapping[str, 
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
 
-  model_io.atomic_directory(Path(dst), write)
+  model_io.atomic_directory(Path(dst), write, keep_others=bool(options.get("overwrite")))
 
 
 def read_agriclip_aligner(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
