@@ -208,28 +208,33 @@ class ImageEncoder:
   name: str          # e.g. "clip_image", "dino"
   fingerprint: str   # model identity for the cache
   view: Callable[[np.ndarray], np.ndarray]  # uint8 [H, W, 3] -> float32 [S, S, 3]
-  view_name: str     # identity of the view for the cache, e.g. "shortest224/clip"
+  view_name: str     # identity of the view for the cache (the model's preprocess spec)
   apply: Callable[..., Any]  # jittable [B, S, S, 3] -> [B, D], or (params, batch) -> [B, D]
   params: Any = None  # passed to apply as its first argument when given
+  exif_transpose: bool = True  # decode photos upright by their EXIF tag before `view`
+  pooling: str | None = None  # a DINO backbone's feature pooling (what an aligner must be fitted on)
 
 
-def standard_view(size: int, normalisation: str) -> Callable[[np.ndarray], np.ndarray]:
-  """The evaluation view: resize the shorter side, centre crop, normalise."""
+def spec_encoder(name: str, model_print: str, spec, apply: Callable[..., Any],
+                 params: Any = None, pooling: str | None = None) -> ImageEncoder:
+  """An encoder whose view is the model's own preprocess spec (`model_io.read_preprocess`)."""
   from input_pipeline import transforms
+  return ImageEncoder(name, model_print, lambda image: transforms.eval_view(image, spec),
+                      json.dumps(spec.to_dict(), sort_keys=True), apply, params,
+                      spec.exif_transpose, pooling)
 
-  def view(image: np.ndarray) -> np.ndarray:
-    return transforms.normalise(transforms.eval_view(image, size, "shortest"), normalisation)
-  return view
 
-
-def _decode_record(record: dict[str, Any]) -> tuple[np.ndarray | str, int]:
-  """(uint8 image or the reason it cannot be used, label)."""
+def _decode_record(record: dict[str, Any], exif_transposes: Sequence[bool]
+                   ) -> tuple[dict[bool, np.ndarray] | str, int]:
+  """({exif_transpose: uint8 image} for each setting asked for, or the reason the record cannot be
+  used; label)."""
   from input_pipeline import transforms
   label = int(record.get("label", -1))
   if record.get("error"):
     return str(record["error"]), label
   try:
-    return transforms.decode_image(record.get("image_bytes")), label
+    return {turn: transforms.decode_image(record.get("image_bytes"), exif_transpose=turn)
+            for turn in exif_transposes}, label
   except transforms.BadRecord as bad:
     return bad.reason, label
 
@@ -242,10 +247,12 @@ class EncodedImages:
   skipped: dict[str, int]          # reason -> count of records that could not be decoded
 
 
-def _iter_decoded(source, indices: Sequence[int], workers: int) -> Iterator[tuple[int, Any]]:
+def _iter_decoded(source, indices: Sequence[int], workers: int,
+                  exif_transposes: Sequence[bool]) -> Iterator[tuple[int, Any]]:
   with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
     # Threads: PIL decodes and resizes outside the GIL; map keeps the order.
-    yield from zip(indices, pool.map(lambda i: _decode_record(source[int(i)]), indices))
+    yield from zip(indices, pool.map(lambda i: _decode_record(source[int(i)], exif_transposes),
+                                     indices))
 
 
 def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncoder],
@@ -283,8 +290,11 @@ def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncode
         outputs[e.name].append(runners[e.name](np.stack(views[e.name])))
         views[e.name] = []
 
+  # One decode per record and EXIF setting (encoders normally agree, so that is one decode).
+  exif_transposes = sorted({e.exif_transpose for e in pending})
   with tqdm(total=len(indices), desc=desc, unit="img") as bar:
-    for index, (decoded, label) in _iter_decoded(source, indices, workers or min(8, os.cpu_count() or 1)):
+    for index, (decoded, label) in _iter_decoded(source, indices, workers or min(8, os.cpu_count() or 1),
+                                                 exif_transposes):
       bar.update(1)
       if isinstance(decoded, str):
         skipped[decoded] += 1
@@ -292,7 +302,7 @@ def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncode
       kept.append(int(index))
       labels.append(label)
       for e in pending:
-        views[e.name].append(e.view(decoded))
+        views[e.name].append(e.view(decoded[e.exif_transpose]))
       if len(kept) % step == 0:
         flush()
     flush()
@@ -324,7 +334,8 @@ class ClipEncoders:
 
 
 def clip_model_encoders(model_dir: str | os.PathLike, batch_size: int = 256, mesh=None) -> ClipEncoders:
-  """CLIP image + text encoders from a model directory (model_type "clip" with tokenizer files)."""
+  """CLIP image + text encoders from a model directory (model_type "clip" with tokenizer files);
+  images get the view the directory records."""
   from agriclip_jax import model_io, tokenizer
   model_type, config, variables = model_io.load_model_dir(model_dir)
   if model_type != "clip":
@@ -334,11 +345,6 @@ def clip_model_encoders(model_dir: str | os.PathLike, batch_size: int = 256, mes
   module, _ = model_io.build_model(model_type, config)
   tok = tokenizer.load_tokenizer(model_dir)
   context_length = int(config["text"]["context_length"])
-  size = int(config["vision"]["image_size"])
-  model_print = fingerprint_path(model_dir)
-
-  def apply_image(params, images):
-    return module.apply(params, images, method=type(module).encode_image)
 
   def apply_text(params, tokens):
     return module.apply(params, tokens, method=type(module).encode_text)
@@ -347,20 +353,77 @@ def clip_model_encoders(model_dir: str | os.PathLike, batch_size: int = 256, mes
     return encode_texts(texts, lambda t: tok.encode(t, context_length=context_length), apply_text,
                         batch_size, mesh, params=variables)
 
-  image = ImageEncoder("clip_image", model_print, standard_view(size, "clip"), f"shortest{size}/clip",
-                       apply_image, variables)
+  image = spec_encoder("clip_image", fingerprint_path(model_dir), model_io.read_preprocess(model_dir),
+                       image_features_fn(model_type, config), variables)
   log_scale = variables["params"].get("logit_scale") if "params" in variables else None
   scale = float(np.exp(np.asarray(log_scale))) if log_scale is not None else 100.0
   return ClipEncoders(image, encode_text, min(scale, 100.0))
 
 
-def load_dino_backbone(path: str | os.PathLike) -> tuple[str, dict, dict]:
-  """(model_type, config, variables) of a DINO backbone from a model directory or a PyTorch file:
-  a DINO ViT or torchvision ResNet state dict, or a DINO training checkpoint (its teacher)."""
+def image_features_fn(model_type: str, config: dict, pooling: str | None = None,
+                      source: str = "model") -> Callable[[Any, Any], Any]:
+  """The one feature function of every image model: (variables, images [B, S, S, 3]) -> [B, D].
+
+  clip: the image embedding before L2 normalisation; vit (DINO flavour) and resnet: the
+  backbone's features with `pooling` ("cls", "cls+avgpool", "lastN"; a ResNet has only its pooled
+  features, "cls"); dino (backbone + head): its backbone's features, never the head's scores.
+  A pooling the model cannot give fails here, naming `source`, not mid-batch.
+  """
+  from agriclip_jax import model_io
+  module, _ = model_io.build_model(model_type, config)
+  if model_type == "clip":
+    if pooling is not None:
+      raise ValueError(f"{source}: a CLIP image tower has no DINO pooling (got {pooling!r})")
+    return lambda variables, images: module.apply(variables, images, method=type(module).encode_image)
+  if model_type not in ("vit", "resnet", "dino"):
+    raise ValueError(f"{source}: model_type {model_type!r} has no image features")
+  from agriclip_jax.models.vit import dino_pooling
+  pooling = pooling or model_io.DEFAULT_DINO_POOLING
+  n_last_blocks, avgpool = dino_pooling(pooling)
+  backbone_config = config.get("backbone", {}) if model_type == "dino" else config
+  is_resnet = model_type == "resnet" or (model_type == "dino" and
+                                         config.get("backbone_type") == "resnet")
+  if is_resnet and pooling != "cls":
+    raise ValueError(f"{source}: a ResNet backbone has only its pooled features; DINO pooling "
+                     f"{pooling!r} applies to a ViT (use 'cls')")
+  if not is_resnet:
+    from agriclip_jax.models.configs import VisionConfig
+    from agriclip_jax.models.vit import check_dino_pooling
+    try:
+      check_dino_pooling(VisionConfig.from_dict(backbone_config), n_last_blocks, avgpool)
+    except ValueError as e:
+      raise ValueError(f"{source}: DINO pooling {pooling!r}: {e}") from None
+  vit_pooling = {} if is_resnet else {"n_last_blocks": n_last_blocks, "avgpool": avgpool}
+
+  def apply(variables, images):
+    if model_type == "dino":
+      return module.apply(variables, images, method=type(module).features, **vit_pooling)
+    return module.apply(variables, images, **vit_pooling)
+
+  return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class DinoBackbone:
+  """A DINO backbone as loaded: its type, config, variables and the eval view it expects."""
+  model_type: str
+  config: dict
+  variables: dict
+  preprocess: Any  # input_pipeline.transforms.PreprocessSpec
+
+
+def load_dino_backbone(path: str | os.PathLike) -> DinoBackbone:
+  """A DINO backbone from a model directory (with its recorded view) or a PyTorch file: a DINO ViT
+  or torchvision ResNet state dict, or a DINO training checkpoint (its teacher), which get the
+  default DINO view (`model_io.default_preprocess`)."""
   from agriclip_jax import model_io
   path = Path(path)
   if path.is_dir():
-    return model_io.load_model_dir(path)
+    model_type, config, variables = model_io.load_model_dir(path)
+    if model_type not in ("vit", "resnet", "dino"):
+      raise ValueError(f"{path}: expected a DINO backbone (model_type 'vit', 'resnet' or 'dino'), "
+                       f"found {model_type!r}")
+    return DinoBackbone(model_type, config, variables, model_io.read_preprocess(path))
   if not path.is_file():
     raise FileNotFoundError(f"DINO model not found: {path} (give a model directory or a .pth file)")
   from agriclip_jax.convert import dino as dino_convert
@@ -377,51 +440,22 @@ def load_dino_backbone(path: str | os.PathLike) -> tuple[str, dict, dict]:
     else:
       raise ValueError(f"{path}: not a DINO backbone (looks like {kind!r}); expected a DINO ViT or "
                        "ResNet state dict or a DINO training checkpoint")
-  return model.model_type, model.config, model.variables
+  return DinoBackbone(model.model_type, model.config, model.variables,
+                      model_io.default_preprocess(model.model_type, model.config))
 
 
-def dino_model_encoder(path: str | os.PathLike, image_size: int = 224,
-                       pooling: str = "cls") -> ImageEncoder:
-  """DINO backbone features: model type "vit" (DINO flavour), "resnet" (globally pooled, 2048-d
-  for ResNet-50) or "dino" (backbone + head: the backbone's features); ImageNet normalisation,
-  as DINO trains.
-
-  `pooling` picks a ViT's features (`models.vit.dino_pooling`): "cls" (the final class token,
-  what the reference aligner reads), "cls+avgpool" or "lastN", DINO's linear-evaluation choices.
-  A ResNet has only its pooled features ("cls").
-  """
+def dino_model_encoder(path: str | os.PathLike, pooling: str | None = None) -> ImageEncoder:
+  """DINO backbone features in the backbone's own view (`load_dino_backbone`): model type "vit"
+  (DINO flavour), "resnet" (globally pooled, 2048-d for ResNet-50) or "dino" (backbone + head: the
+  backbone's features). `pooling` overrides the one the model records (`image_features_fn`)."""
   from agriclip_jax import model_io
-  from agriclip_jax.models.vit import dino_pooling
-  model_type, config, variables = load_dino_backbone(path)
-  if model_type not in ("vit", "resnet", "dino"):
-    raise ValueError(f"{path}: expected a DINO backbone (model_type 'vit', 'resnet' or 'dino'), "
-                     f"found {model_type!r}")
-  n_last_blocks, avgpool = dino_pooling(pooling)
-  backbone_config = config.get("backbone", {}) if model_type == "dino" else config
-  is_resnet = model_type == "resnet" or (model_type == "dino" and
-                                         config.get("backbone_type") == "resnet")
-  if is_resnet and pooling != "cls":
-    raise ValueError(f"{path}: a ResNet backbone has only its pooled features; DINO pooling "
-                     f"{pooling!r} applies to a ViT (use 'cls')")
-  if not is_resnet:  # a pooling the ViT cannot give fails here, naming the model, not mid-batch
-    from agriclip_jax.models.configs import VisionConfig
-    from agriclip_jax.models.vit import check_dino_pooling
-    try:
-      check_dino_pooling(VisionConfig.from_dict(backbone_config), n_last_blocks, avgpool)
-    except ValueError as e:
-      raise ValueError(f"{path}: DINO pooling {pooling!r}: {e}") from None
-  module, _ = model_io.build_model(model_type, config)
-  size = int(backbone_config.get("image_size", image_size))
-  vit_pooling = {} if is_resnet else {"n_last_blocks": n_last_blocks, "avgpool": avgpool}
-
-  def apply(params, images):
-    if model_type == "dino":
-      return module.apply(params, images, method=type(module).features, **vit_pooling)
-    return module.apply(params, images, **vit_pooling)
-
-  identity = fingerprint_path(path)  # "cls" keeps the identity (and cache keys) it always had
-  return ImageEncoder("dino", identity if pooling == "cls" else fingerprint(identity, pooling),
-                      standard_view(size, "imagenet"), f"shortest{size}/imagenet", apply, variables)
+  backbone = load_dino_backbone(path)
+  pooling = pooling or backbone.preprocess.pooling or model_io.DEFAULT_DINO_POOLING
+  apply = image_features_fn(backbone.model_type, backbone.config, pooling, str(path))
+  identity = fingerprint_path(path)
+  # "cls" keeps the identity (and cache keys) it always had
+  return spec_encoder("dino", identity if pooling == "cls" else fingerprint(identity, pooling),
+                      backbone.preprocess, apply, backbone.variables, pooling)
 
 
 def load_aligner_any(path: str | os.PathLike):

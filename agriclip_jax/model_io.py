@@ -6,8 +6,10 @@ Every subcommand accepts such a directory as `--model DIR`. Params are stored fl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,9 +20,11 @@ from flax import traverse_util
 
 # atomic_directory/atomic_file live in fileio; re-exported here, where callers first found them.
 from agriclip_jax.fileio import atomic_directory, atomic_file, read_json  # noqa: F401
+from input_pipeline.transforms import PreprocessSpec, preset
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PREPROCESS_KEY = "preprocess"  # config.json key of the eval view (input_pipeline.transforms)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 FORMAT_VERSION = 1
@@ -153,13 +157,20 @@ def _short(items: list[str], limit: int = 8) -> str:
 
 def save_model_dir(path: str | Path, model_type: str, config: Mapping[str, Any],
                    variables: Mapping[str, Any], tokenizer_dir: str | Path | None = None,
-                   extra: Mapping[str, Any] | None = None) -> Path:
-  """Saves a model directory. `variables` is {"params": ..., optionally "batch_stats": ...}."""
+                   extra: Mapping[str, Any] | None = None,
+                   preprocess: PreprocessSpec | None = None) -> Path:
+  """Saves a model directory. `variables` is {"params": ..., optionally "batch_stats": ...}.
+  `preprocess` is the eval view the model expects (default: `default_preprocess` of its type)."""
   from safetensors.numpy import save_file
 
   build_model(model_type, config)  # validates the type and the config before anything is written
   flat = {k: _host_array(v) for k, v in flatten(variables).items()}
   meta = {"format_version": FORMAT_VERSION, "model_type": model_type, "config": dict(config)}
+  if model_type in IMAGE_MODEL_TYPES:
+    spec = preprocess if preprocess is not None else default_preprocess(model_type, config)
+    meta[PREPROCESS_KEY] = spec.to_dict()
+  elif preprocess is not None:
+    raise ValueError(f"a {model_type!r} model reads no images; it takes no preprocess spec")
   if extra:
     meta.update(extra)
 
@@ -215,6 +226,82 @@ def load_model_dir(path: str | Path) -> tuple[str, dict, dict]:
   check_tree_matches(expected, flat, str(weights_path))
   variables = unflatten({k: jnp.asarray(v) for k, v in flat.items()})
   return meta["model_type"], meta["config"], variables
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval view a model expects, and a model's identity
+# ---------------------------------------------------------------------------------------------
+
+# Model types that read images, and the view each gets when nothing else is known: CLIP models
+# open_clip's, DINO backbones the AgriCLIP reference's (what its aligner was fitted on).
+_DEFAULT_PRESETS = {"clip": "openclip", "vit": "agriclip-reference", "resnet": "agriclip-reference",
+                    "dino": "agriclip-reference"}
+IMAGE_MODEL_TYPES = tuple(_DEFAULT_PRESETS)
+DEFAULT_DINO_POOLING = "cls"  # the final class token of a ViT; a ResNet's only (pooled) features
+
+
+def image_size_of(model_type: str, config: Mapping[str, Any]) -> int:
+  """The side of the square images the model is built for."""
+  _, inputs = build_model(model_type, config)
+  return int(inputs[0].shape[1])
+
+
+def preprocess_for(model_type: str, config: Mapping[str, Any], name: str | None = None
+                   ) -> PreprocessSpec:
+  """The named view (`transforms.PRESETS`; default: the type's) sized for this model."""
+  if model_type not in _DEFAULT_PRESETS:
+    raise ValueError(f"a {model_type!r} model reads no images; it has no preprocessing")
+  pooling = None if model_type == "clip" else DEFAULT_DINO_POOLING
+  return preset(name or _DEFAULT_PRESETS[model_type], image_size_of(model_type, config), pooling)
+
+
+def default_preprocess(model_type: str, config: Mapping[str, Any]) -> PreprocessSpec:
+  return preprocess_for(model_type, config)
+
+
+def read_preprocess(path: str | Path, meta: Mapping[str, Any] | None = None) -> PreprocessSpec:
+  """The eval view recorded in a model directory. A directory written before views were recorded
+  gets its type's default, with a one-line notice on stderr."""
+  meta = read_config(path) if meta is None else meta
+  source = str(Path(path) / CONFIG_FILE)
+  if PREPROCESS_KEY in meta:
+    return PreprocessSpec.from_dict(meta[PREPROCESS_KEY], source)
+  spec = default_preprocess(meta["model_type"], meta["config"])
+  print(f"notice: {source} records no {PREPROCESS_KEY!r} (written before models recorded their "
+        f"view); using the {meta['model_type']} default, {spec.describe()}", file=sys.stderr)
+  return spec
+
+
+def _file_digest(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as handle:
+    for block in iter(lambda: handle.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def model_fingerprint(path: str | Path) -> str:
+  """Identity of a model for provenance checks: sha256 over the model type, config and eval view
+  (as canonical JSON, so a directory with a defaulted view equals one that records the same view)
+  and the bytes of the weights file (model.safetensors, or the file itself for a .pth/.safetensors
+  file). Hashing reads the weights once: ~0.3 s for ViT-B/16 weights."""
+  path = Path(path)
+  if path.is_dir():
+    meta = read_config(path)
+    identity = {"model_type": meta["model_type"], "config": meta["config"]}
+    if meta["model_type"] in IMAGE_MODEL_TYPES:
+      spec = (PreprocessSpec.from_dict(meta[PREPROCESS_KEY], str(path / CONFIG_FILE))
+              if PREPROCESS_KEY in meta else default_preprocess(meta["model_type"], meta["config"]))
+      identity["preprocess"] = spec.to_dict()
+    weights = path / WEIGHTS_FILE
+  elif path.is_file():
+    identity, weights = {"file": path.suffix.lower()}, path
+  else:
+    raise FileNotFoundError(f"cannot fingerprint model {path}: no such file or directory")
+  if not weights.is_file():
+    raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} not found")
+  text = json.dumps(identity, sort_keys=True)
+  return hashlib.sha256(f"{text}\0{_file_digest(weights)}".encode()).hexdigest()[:20]
 
 
 def has_tokenizer(path: str | Path) -> bool:

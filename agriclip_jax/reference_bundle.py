@@ -9,7 +9,9 @@ checked Nov 2026) classifies an ImageFolder tree like this:
   4. classes: the ImageFolder's sorted sub-folder names, put as they are into the task's template;
      text embeddings: CLIP encode_text of every template, averaged *unnormalised*, then normalised;
   5. logits = aligned @ text.T; prediction = argmax; accuracy over all images.
-Everything here follows those steps, with two deliberate differences: an image that cannot be read
+Step 1 is the "agriclip-reference" view of `input_pipeline.transforms`, what every DINO backbone
+gets by default; a model directory that records another view gets that one. Everything here
+follows those steps, with two deliberate differences: an image that cannot be read
 is an error naming the file (or, with `on_bad_image="skip"`, is listed in the result) where the
 reference silently skipped whole batches on IndexError; and the DINO backbone may also be a ViT or a
 model directory, since every DINO backbone of this project yields features the same way.
@@ -31,12 +33,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from agriclip_jax import fileio
-from input_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from input_pipeline.transforms import PreprocessSpec, load_eval_image
 
-REFERENCE_IMAGE_SIZE = 224
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder counts as an image.
 IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -59,7 +59,7 @@ class ZeroShotResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: the ImageFolder listing and the reference view
+# Data: the ImageFolder listing
 # ---------------------------------------------------------------------------------------------
 
 def imagefolder_samples(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -83,22 +83,6 @@ def imagefolder_samples(root: str | os.PathLike) -> tuple[list[str], list[tuple[
   return classes, samples
 
 
-def reference_view(path: Path, size: int = REFERENCE_IMAGE_SIZE) -> np.ndarray:
-  """float32 [size, size, 3]: torchvision Resize(size) + CenterCrop(size) + ToTensor + Normalize."""
-  with Image.open(path) as image:
-    image = image.convert("RGB")  # torchvision's pil_loader (no EXIF rotation)
-    width, height = image.size
-    if width <= height:
-      new_w, new_h = size, int(size * height / width)
-    else:
-      new_w, new_h = int(size * width / height), size
-    image = image.resize((new_w, new_h), Image.BILINEAR)
-  top = int(round((new_h - size) / 2.0))
-  left = int(round((new_w - size) / 2.0))
-  pixels = np.asarray(image, np.float32)[top:top + size, left:left + size] / 255.0
-  return (pixels - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -117,17 +101,14 @@ def resolve_templates(task_or_template: str | Sequence[str]) -> list[str]:
 DinoApply = Callable[[Any, jax.Array], jax.Array]
 
 
-def load_dino(dino: str | os.PathLike) -> tuple[DinoApply, Any]:
-  """(apply(variables, images) -> features, variables) of a DINO backbone file or directory."""
-  from agriclip_jax import model_io
-  from agriclip_jax.features import load_dino_backbone
-  model_type, config, variables = load_dino_backbone(dino)
-  if model_type not in ("resnet", "vit", "dino"):
-    raise ValueError(f"{dino}: expected a DINO backbone (resnet, vit or dino), found {model_type!r}")
-  module, _ = model_io.build_model(model_type, config)
-  if model_type == "dino":
-    return (lambda v, x: module.apply(v, x, method=type(module).features)), variables
-  return module.apply, variables
+def load_dino(dino: str | os.PathLike) -> tuple[DinoApply, Any, PreprocessSpec]:
+  """(apply(variables, images) -> features, variables, the backbone's view) of a DINO backbone
+  file or directory."""
+  from agriclip_jax.features import image_features_fn, load_dino_backbone
+  backbone = load_dino_backbone(dino)
+  apply = image_features_fn(backbone.model_type, backbone.config, backbone.preprocess.pooling,
+                            str(dino))
+  return apply, backbone.variables, backbone.preprocess
 
 
 def load_clip(clip: str | os.PathLike, clip_format: str | None = None,
@@ -195,8 +176,7 @@ def make_classifier(dino_apply: DinoApply) -> Callable[..., jax.Array]:
 def run_reference_zeroshot(dino: str | os.PathLike, aligner: str | os.PathLike, clip: str | os.PathLike,
                            data_dir: str | os.PathLike, task_or_template: str | Sequence[str], *,
                            clip_format: str | None = None, tokenizer: str | os.PathLike | None = None,
-                           batch_size: int = 32, image_size: int = REFERENCE_IMAGE_SIZE,
-                           on_bad_image: str = "error",
+                           batch_size: int = 32, on_bad_image: str = "error",
                            progress: Callable[[int, int], None] | None = None) -> ZeroShotResult:
   """The reference zero-shot classification of an ImageFolder; see the module docstring."""
   from agriclip_jax.features import load_aligner_any
@@ -208,7 +188,7 @@ def run_reference_zeroshot(dino: str | os.PathLike, aligner: str | os.PathLike, 
   class_names, samples = imagefolder_samples(data_dir)
 
   linear = load_aligner_any(aligner)
-  dino_apply, dino_variables = load_dino(dino)
+  dino_apply, dino_variables, view = load_dino(dino)
   with tempfile.TemporaryDirectory(prefix="agriclip-clip-") as scratch:
     clip_module, clip_variables, clip_tokenizer, context_length = load_clip(
         clip, clip_format, tokenizer, Path(scratch))
@@ -218,7 +198,7 @@ def run_reference_zeroshot(dino: str | os.PathLike, aligner: str | os.PathLike, 
     raise ValueError(f"aligner {aligner} maps to {linear.out_dim}-d but CLIP {clip} embeds texts in "
                      f"{class_embeddings.shape[1]}-d")
 
-  probe = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  probe = jax.ShapeDtypeStruct((1, view.image_size, view.image_size, 3), jnp.float32)
   feature_width = jax.eval_shape(dino_apply, dino_variables, probe).shape[-1]
   if feature_width != linear.in_dim:
     raise ValueError(f"aligner {aligner} expects {linear.in_dim}-d DINO features but {dino} gives "
@@ -238,14 +218,14 @@ def run_reference_zeroshot(dino: str | os.PathLike, aligner: str | os.PathLike, 
 
   for index, (path, label) in enumerate(samples):
     try:
-      view = reference_view(path, image_size)
-    except (OSError, ValueError, SyntaxError) as e:
+      pixels = load_eval_image(path.read_bytes(), view, str(path))
+    except (OSError, ValueError) as e:
       if on_bad_image == "error":
         raise ValueError(f"{path}: cannot be read as an image ({e}); pass on_bad_image='skip' to "
                          f"leave it out (it is then listed in the result)") from e
       skipped.append((path, str(e)))
       continue
-    batch.append(view)
+    batch.append(pixels)
     labels.append(label)
     files.append(path)
     if len(batch) == batch_size:

@@ -73,13 +73,15 @@ def photo_paths(count: int) -> list[Path]:
 def bench(name: str, batch: int, images: int, repeats: int, threads: int) -> None:
   import jax
   import torch
+  from agriclip_jax import model_io
   from agriclip_jax.commands import embed
 
   model = hf_clip(name)
   config, variables = port(model)
   size = config["vision"]["image_size"]
+  spec = model_io.preprocess_for("clip", config)
   paths = photo_paths(images)
-  pixels = np.stack([embed.load_pixels(p, size) for p in paths[:batch]])
+  pixels = np.stack([embed.load_pixels(p, spec) for p in paths[:batch]])
   jax_forward = embed.image_feature_fn("clip", config)
   torch_pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
 
@@ -102,10 +104,10 @@ def bench(name: str, batch: int, images: int, repeats: int, threads: int) -> Non
       with torch.no_grad():
         tensor = torch.from_numpy(batch_pixels.transpose(0, 3, 1, 2).copy())
         return model.get_image_features(pixel_values=tensor).pooler_output.numpy()
-    return embed.run_batched(torch_fn, None, paths, batch, lambda p: embed.load_pixels(p, size), "torch")
+    return embed.run_batched(torch_fn, None, paths, batch, lambda p: embed.load_pixels(p, spec), "torch")
 
   def jax_path():
-    return embed.run_batched(jax_forward, variables, paths, batch, lambda p: embed.load_pixels(p, size), "jax")
+    return embed.run_batched(jax_forward, variables, paths, batch, lambda p: embed.load_pixels(p, spec), "jax")
 
   jax_s, torch_s = timed(jax_path, 1), timed(torch_path, 1)
   details = (f"{len(paths)} corn photos decoded + eval view + forward, batch {batch}, {size}px, "

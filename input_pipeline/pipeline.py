@@ -13,7 +13,8 @@ Orbax checkpoint through `grain.checkpoint.CheckpointSave`).
 
 Bad records never raise inside the workers: they become a marker that the batching iterator, in
 the main process, skips and counts (`BadRecordStats`: counts and a few example paths per reason).
-Above `max_bad_fraction` of the records seen (default 1 %), the run stops with `BadDataError`
+Above `max_bad_fraction` of the records seen (default 1 %, checked from 200 records on, or
+from the end of the first epoch when that comes sooner), the run stops with `BadDataError`
 naming examples. Images cross the process boundary as uint8 and are normalised to float32 after
 batching (4x less inter-process traffic).
 
@@ -236,6 +237,8 @@ class SkipBatchIterator(grain.DatasetIterator):
       else:
         self.bad_records.add_good()
         examples.append(example)
+        if self.bad_records.seen == self._min_records:  # the check is due even after a good one
+          self.bad_records.check(self._max_bad_fraction, self._min_records)
     return _normalise_batch(_stack(examples), self._normalisation)
 
   def get_state(self) -> dict[str, Any]:
@@ -346,7 +349,11 @@ def make_train_dataset(
   dataset = _worker_processes(dataset, num_workers)
   normalisation = {"images": clip_normalisation, "global_crops": dino_normalisation,
                    "local_crops": dino_normalisation}
-  return SkipBatchDataset(dataset, local_batch, normalisation, max_bad_fraction, min_records_for_check)
+  # The limit applies once `min_records_for_check` records are seen, or at the end of this
+  # process's first epoch if that comes sooner: a short run on mostly bad data must not train.
+  epoch_records = len(range(process_index, sum(len(s) for s in sources), process_count))
+  min_records = max(min(min_records_for_check, epoch_records), 1)
+  return SkipBatchDataset(dataset, local_batch, normalisation, max_bad_fraction, min_records)
 
 
 class EvalBatches:

@@ -17,7 +17,7 @@ import io
 import math
 import struct
 import warnings
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
@@ -35,9 +35,6 @@ NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 DEFAULT_MAX_PIXELS = 64_000_000
 # Smaller images carry no usable content at 224 px and usually are tracking pixels or icons.
 DEFAULT_MIN_SIDE = 8
-
-ResizeMode = Literal["shortest", "squash", "longest"]
-
 
 class BadRecord(Exception):
   """A record that cannot become a training example; `reason` is a short snake_case category."""
@@ -85,8 +82,9 @@ def has_image_signature(data: bytes) -> bool:
 
 
 def decode_pil(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               min_side: int = DEFAULT_MIN_SIDE) -> Image.Image:
-  """Bytes -> upright RGB PIL image, by content (never by file name). Raises BadRecord."""
+               min_side: int = DEFAULT_MIN_SIDE, exif_transpose: bool = True) -> Image.Image:
+  """Bytes -> RGB PIL image, by content (never by file name), turned upright by its EXIF tag unless
+  `exif_transpose` is False (as PyTorch loaders read photos). Raises BadRecord."""
   if data is None:
     raise BadRecord("missing_image")
   if len(data) == 0:
@@ -109,7 +107,8 @@ def decode_pil(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
       raise BadRecord("image_too_small", f"{width}x{height}, shorter side < {min_side}")
     try:
       image.load()
-      image = ImageOps.exif_transpose(image)
+      if exif_transpose:
+        image = ImageOps.exif_transpose(image)
       image = _to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
       reason = "truncated_image" if "truncated" in str(error).lower() else "corrupt_image"
@@ -118,9 +117,10 @@ def decode_pil(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_side: int = DEFAULT_MIN_SIDE) -> np.ndarray:
-  """Bytes -> uint8 [H, W, 3] RGB, EXIF orientation applied. Raises BadRecord(reason)."""
-  return np.asarray(decode_pil(data, max_pixels, min_side), dtype=np.uint8)
+                 min_side: int = DEFAULT_MIN_SIDE, exif_transpose: bool = True) -> np.ndarray:
+  """Bytes -> uint8 [H, W, 3] RGB, EXIF orientation applied unless `exif_transpose` is False.
+  Raises BadRecord(reason)."""
+  return np.asarray(decode_pil(data, max_pixels, min_side, exif_transpose), dtype=np.uint8)
 
 
 def as_pil(image: np.ndarray | Image.Image) -> Image.Image:
@@ -136,7 +136,10 @@ def normalise(images: np.ndarray, normalisation: str = "clip") -> np.ndarray:
   """uint8 [..., 3] -> float32 (x / 255 - mean) / std."""
   if normalisation not in NORMALISATIONS:
     raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {sorted(NORMALISATIONS)}")
-  mean, std = NORMALISATIONS[normalisation]
+  return _normalise(images, *NORMALISATIONS[normalisation])
+
+
+def _normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   scale = np.asarray(std, np.float32) * 255.0
   return (images.astype(np.float32) - np.asarray(mean, np.float32) * 255.0) / scale
 
@@ -177,29 +180,155 @@ def crop_resize(image: Image.Image, box: Box, size: int) -> Image.Image:
   return image.resize((size, size), Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
 
 
-def eval_view(image: np.ndarray | Image.Image, size: int,
-              resize_mode: ResizeMode = "shortest") -> np.ndarray:
-  """Deterministic view: 'shortest' = resize shorter side + centre crop (CLIP's eval transform),
-  'squash' = resize to size x size, 'longest' = resize longer side and pad with black."""
+# ------------------------------------------------------------------------------------------------
+# The evaluation view: one spec per model, one function that renders it
+# ------------------------------------------------------------------------------------------------
+
+ResizeRule = Literal["shorter-side", "square"]
+Interpolation = Literal["bicubic", "bilinear"]
+CropOffset = Literal["round", "floor"]
+_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSpec:
+  """How a model wants its evaluation images: stored in every model directory's config.json.
+
+  resize: "shorter-side" scales the shorter side to `resize_size` (torchvision's Resize(int): the
+  longer side becomes int(resize_size * long / short)), "square" scales to resize_size x resize_size;
+  then a centre crop of `image_size`. The crop's top-left corner is round((H - S) / 2) as torchvision
+  and open_clip place it, or floor((H - S) / 2) as HF's CLIPImageProcessor does; the two differ by
+  one pixel when H - S is 3 mod 4. Pixels become (x / 255 - mean) / std. `exif_transpose` turns a
+  photo upright by its EXIF tag first (torchvision's, open_clip's and HF's loaders do not).
+  `pooling` names a DINO backbone's features ("cls", "cls+avgpool", "lastN"; see models.vit); it
+  is None for models whose output is fixed (CLIP).
+  """
+  name: str
+  image_size: int
+  resize_size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  resize: ResizeRule = "shorter-side"
+  interpolation: Interpolation = "bicubic"
+  antialias: bool = True
+  crop_offset: CropOffset = "round"
+  exif_transpose: bool = False
+  pooling: str | None = None
+
+  def __post_init__(self):
+    problems = []
+    if self.image_size < 1 or self.resize_size < self.image_size:
+      problems.append(f"image_size={self.image_size}, resize_size={self.resize_size} (need "
+                      f"1 <= image_size <= resize_size: the crop lies inside the resized image)")
+    for key, value, allowed in (("resize", self.resize, ResizeRule.__args__),
+                                ("interpolation", self.interpolation, Interpolation.__args__),
+                                ("crop_offset", self.crop_offset, CropOffset.__args__)):
+      if value not in allowed:
+        problems.append(f"{key}={value!r} (expected one of {', '.join(allowed)})")
+    if not self.antialias:
+      # PIL always filters over the source footprint when shrinking; torch's antialias=False path
+      # (plain sampling) is a different algorithm this project does not reproduce.
+      problems.append("antialias=False (only antialiased PIL resampling is implemented)")
+    for key in ("mean", "std"):
+      values = getattr(self, key)
+      if len(values) != 3 or (key == "std" and min(values) <= 0):
+        problems.append(f"{key}={list(values)} (need 3 values{', all > 0' if key == 'std' else ''})")
+    if problems:
+      raise ValueError(f"preprocess spec {self.name!r}: " + "; ".join(problems))
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any], source: str = "preprocess spec") -> "PreprocessSpec":
+    if not isinstance(data, Mapping):
+      raise ValueError(f"{source}: 'preprocess' must be an object, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+    missing = sorted(required - set(data))
+    if unknown or missing:
+      raise ValueError(f"{source}: 'preprocess' has unknown keys {unknown} and lacks {missing}; "
+                       f"its keys are {sorted(fields)}")
+    values = dict(data)
+    values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+    try:
+      return cls(**values)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{source}: {e}") from None
+
+  def describe(self) -> str:
+    rule = "shorter side" if self.resize == "shorter-side" else "square"
+    normalisation = {CLIP_MEAN: "CLIP", IMAGENET_MEAN: "ImageNet"}.get(tuple(self.mean), "custom")
+    return (f"{self.name}: {rule} to {self.resize_size} ({self.interpolation}), centre crop "
+            f"{self.image_size}, {normalisation} mean/std"
+            + (f", pooling {self.pooling}" if self.pooling else ""))
+
+
+# The named views, each as its PyTorch owner defines it for a model of input size S:
+# - "openclip": open_clip's eval transform (Resize(S, bicubic), CenterCrop(S), CLIP mean/std);
+# - "hf-clip": HF CLIPImageProcessor's defaults, the same but with HF's floor crop offset;
+# - "agriclip-reference": the AgriCLIP reference's DINO view (Resize(S) bilinear, CenterCrop(S),
+#   ImageNet mean/std), what its aligner was fitted on;
+# - "dino-eval": DINO's eval_linear / eval_knn view (Resize(256/224 S, bicubic), CenterCrop(S),
+#   ImageNet mean/std).
+PRESETS = ("openclip", "hf-clip", "agriclip-reference", "dino-eval")
+
+
+def preset(name: str, image_size: int = 224, pooling: str | None = None) -> PreprocessSpec:
+  """The named view for a model of input size `image_size`; the only place that picks mean/std."""
+  clip, imagenet = dict(mean=CLIP_MEAN, std=CLIP_STD), dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+  common = dict(name=name, image_size=image_size, pooling=pooling)
+  if name == "openclip":
+    return PreprocessSpec(resize_size=image_size, interpolation="bicubic", **clip, **common)
+  if name == "hf-clip":
+    return PreprocessSpec(resize_size=image_size, interpolation="bicubic", crop_offset="floor",
+                          **clip, **common)
+  if name == "agriclip-reference":
+    return PreprocessSpec(resize_size=image_size, interpolation="bilinear", **imagenet, **common)
+  if name == "dino-eval":
+    return PreprocessSpec(resize_size=int(image_size * 256 / 224), interpolation="bicubic",
+                          **imagenet, **common)
+  raise ValueError(f"unknown preprocessing {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+def eval_pixels(image: np.ndarray | Image.Image, spec: PreprocessSpec) -> np.ndarray:
+  """The view's geometry: uint8 [S, S, 3] after resize and centre crop (EXIF is the decoder's)."""
   pil = as_pil(image)
   width, height = pil.size
-  if resize_mode == "squash":
-    return np.asarray(pil.resize((size, size), Image.BICUBIC))
-  if resize_mode == "shortest":
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
-    resized = pil.resize((new_w, new_h), Image.BICUBIC)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
-  if resize_mode == "longest":
-    factor = size / max(width, height)
-    new_w, new_h = max(1, round(width * factor)), max(1, round(height * factor))
-    canvas = Image.new("RGB", (size, size))
-    canvas.paste(pil.resize((new_w, new_h), Image.BICUBIC), ((size - new_w) // 2, (size - new_h) // 2))
-    return np.asarray(canvas)
-  raise ValueError(f"unknown resize_mode {resize_mode!r}; choose 'shortest', 'squash' or 'longest'")
+  target = spec.resize_size
+  if spec.resize == "square":
+    new_w = new_h = target
+  elif width <= height:
+    new_w, new_h = target, int(target * height / width)
+  else:
+    new_w, new_h = int(target * width / height), target
+  resized = pil.resize((new_w, new_h), _PIL_FILTERS[spec.interpolation])
+  size = spec.image_size
+  if spec.crop_offset == "round":
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+  else:
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+  return np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def normalise_pixels(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std with the spec's mean and std."""
+  return _normalise(pixels, spec.mean, spec.std)
+
+
+def eval_view(image: np.ndarray | Image.Image, spec: PreprocessSpec) -> np.ndarray:
+  """A decoded image -> the model's float32 [S, S, 3] input, as `spec` says."""
+  return normalise_pixels(eval_pixels(image, spec), spec)
+
+
+def load_eval_image(data: bytes | None, spec: PreprocessSpec, source: str = "image") -> np.ndarray:
+  """Image file bytes -> the model's input; a bad file is a ValueError naming `source`."""
+  try:
+    image = decode_pil(data, exif_transpose=spec.exif_transpose)
+  except BadRecord as e:
+    raise ValueError(f"{source}: cannot use this image ({e})") from e
+  return eval_view(image, spec)
 
 
 @dataclasses.dataclass(frozen=True)

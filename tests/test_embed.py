@@ -21,21 +21,24 @@ from test_convert_clip import random_variables  # one random-weights helper for 
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 TEXTS = ["a photo of a corn leaf with common rust", "a healthy maize leaf", "gray leaf spot"]
 
 
 
 
-def reference_view(path: Path, size: int) -> np.ndarray:
-  """CLIP's eval transform written out: shorter side -> size (bicubic), centre crop, mean/std."""
+def reference_view(path: Path, size: int, dino: bool = False) -> np.ndarray:
+  """The eval transforms written out: shorter side -> size, centre crop, mean/std; CLIP's bicubic
+  with CLIP mean/std, or the AgriCLIP reference's DINO view (bilinear, ImageNet mean/std)."""
   image = Image.open(path).convert("RGB")
   width, height = image.size
   scale = size / min(width, height)
   new_w, new_h = (size, int(height * scale)) if width <= height else (int(width * scale), size)
-  image = image.resize((new_w, new_h), Image.BICUBIC)
+  image = image.resize((new_w, new_h), Image.BILINEAR if dino else Image.BICUBIC)
   left, top = round((new_w - size) / 2), round((new_h - size) / 2)
   pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255.0
-  return (pixels - MEAN) / STD
+  return (pixels - IMAGENET_MEAN) / IMAGENET_STD if dino else (pixels - MEAN) / STD
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +118,9 @@ def test_embed_vit_writes_only_image_arrays(photos, tmp_path):
   result = np.load(out)
   assert sorted(result.files) == ["image_embeddings", "image_features", "image_paths"]
   assert [Path(p) for p in result["image_paths"]] == chosen
-  expected = jax.jit(VisionTransformer(config).apply)(variables, reference_view(chosen[0], 32)[None])[0]
+  # A DINO ViT gets the DINO view (ImageNet mean/std), not CLIP's.
+  expected = jax.jit(VisionTransformer(config).apply)(variables,
+                                                      reference_view(chosen[0], 32, dino=True)[None])[0]
   np.testing.assert_allclose(result["image_features"][0], expected, atol=2e-5)
   with pytest.raises(ValueError, match="no text tower"):
     embed.embed(model_dir, listing, listing)
@@ -137,3 +142,44 @@ def test_embed_bad_inputs_are_named(clip_dir, tmp_path, capsys):
   with pytest.raises(ValueError, match=r"texts\.txt: line 2 is empty"):
     embed.embed(clip_dir, broken.parent, texts)
   assert not out.exists()
+
+
+def test_embed_dino_gives_backbone_features_with_the_recorded_pooling(photos, tmp_path):
+  from agriclip_jax.models.dino import DINO, DINOConfig, DINOHeadConfig
+  from input_pipeline import transforms
+  backbone = vision_config("tiny", flavour="dino")
+  config = DINOConfig(backbone=backbone, head=DINOHeadConfig(out_dim=64, hidden_dim=32,
+                                                             bottleneck_dim=16))
+  variables = random_variables("dino", config.to_dict(), seed=3)
+  model_dir = tmp_path / "dino"
+  spec = transforms.preset("dino-eval", backbone.image_size, pooling="cls+avgpool")
+  model_io.save_model_dir(model_dir, "dino", config.to_dict(), variables, preprocess=spec)
+  out = tmp_path / "dino.npz"
+  assert cli.main(["embed", "--model", str(model_dir), "--images", str(photos), "--out", str(out)]) == 0
+  result = np.load(out)
+  path = Path(result["image_paths"][0])
+  pixels = transforms.eval_view(Image.open(path).convert("RGB"), spec)[None]
+  module = DINO(config)
+  expected = jax.jit(lambda v, x: module.apply(v, x, method=DINO.features, n_last_blocks=1,
+                                      avgpool=True))(variables, pixels)
+  assert result["image_features"].shape == (5, 2 * backbone.width)  # class token + mean patch token
+  np.testing.assert_allclose(result["image_features"][0], expected[0], atol=2e-5)
+
+
+def test_a_directory_without_a_recorded_view_gets_its_type_default(photos, tmp_path, capsys):
+  import json
+  config = vision_config("tiny", flavour="dino")
+  model_dir = tmp_path / "old_vit"
+  variables = random_variables("vit", config.to_dict(), seed=2)
+  model_io.save_model_dir(model_dir, "vit", config.to_dict(), variables)
+  meta = json.loads((model_dir / "config.json").read_text())
+  assert meta["preprocess"]["name"] == "agriclip-reference"
+  del meta["preprocess"]  # as written before models recorded their view
+  (model_dir / "config.json").write_text(json.dumps(meta))
+  capsys.readouterr()
+  result = embed.embed(model_dir, photos, None)
+  notices = [line for line in capsys.readouterr().err.splitlines() if "records no 'preprocess'" in line]
+  assert len(notices) == 1 and "agriclip-reference" in notices[0] and "ImageNet" in notices[0]
+  path = Path(result["image_paths"][0])
+  expected = jax.jit(VisionTransformer(config).apply)(variables, reference_view(path, 32, dino=True)[None])[0]
+  np.testing.assert_allclose(result["image_features"][0], expected, atol=2e-5)

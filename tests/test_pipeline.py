@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from input_pipeline import pipeline, sources
+from input_pipeline import pipeline, sources, transforms
 from input_pipeline.transforms import MultiCropConfig
 
 SMALL_CROPS = MultiCropConfig(global_size=32, local_size=16, num_local=2)
@@ -212,7 +212,8 @@ def test_argument_errors_name_the_value():
 
 def test_eval_batches_are_ordered_padded_and_masked():
   source = TinySource(11, bad={4: "empty_file"})
-  batches = pipeline.make_eval_batches(source, batch_size=4, image_size=8, normalisation="imagenet")
+  batches = pipeline.make_eval_batches(source, batch_size=4,
+                                       spec=transforms.preset("agriclip-reference", image_size=8))
   collected = list(batches)
   assert len(collected) == len(batches) == 3
   index = np.concatenate([b["index"] for b in collected])
@@ -228,10 +229,11 @@ def test_eval_batches_are_ordered_padded_and_masked():
 
 
 def test_eval_batches_split_across_processes_in_step():
-  counts = [len(pipeline.make_eval_batches(TinySource(10), 2, 8, process_index=i, process_count=3)) for i in range(3)]
+  spec = transforms.preset("openclip", image_size=8)
+  counts = [len(pipeline.make_eval_batches(TinySource(10), 2, spec, process_index=i, process_count=3)) for i in range(3)]
   assert counts == [2, 2, 2]
   shares = [np.concatenate([b["index"][b["mask"]] for b in pipeline.make_eval_batches(
-      TinySource(10), 2, 8, process_index=i, process_count=3)]) for i in range(3)]
+      TinySource(10), 2, spec, process_index=i, process_count=3)]) for i in range(3)]
   assert sorted(np.concatenate(shares).tolist()) == list(range(10))
 
 

@@ -139,8 +139,10 @@ def test_reference_zeroshot_in_jax_equals_pytorch(bundle, image_folder):
 
 
 def test_reference_view_matches_the_torch_transform(image_folder):
+  from input_pipeline import transforms
+  spec = transforms.preset("agriclip-reference")  # what a DINO .pth gets (model_io's default)
   for path in sorted(image_folder.glob("*/*.jpg"))[:3]:
-    got = reference_bundle.reference_view(path)
+    got = transforms.load_eval_image(path.read_bytes(), spec, str(path))
     want = torch_reference_image(path).permute(1, 2, 0).numpy()
     assert got.shape == (224, 224, 3)
     np.testing.assert_allclose(got, want, atol=1e-6)
@@ -162,9 +164,8 @@ def test_unreadable_image_is_named_or_listed(small_bundle, image_folder, tmp_pat
   (data / "Blight" / "a_broken.jpg").write_bytes(b"not a jpeg")  # first file: fails before DINO runs
   args = (root / "rn18.pth", root / "aligner.pth", clip, data, "a photo of {}")
   with pytest.raises(ValueError, match=r"a_broken.jpg: cannot be read as an image"):
-    reference_bundle.run_reference_zeroshot(*args, image_size=64, batch_size=8)
-  result = reference_bundle.run_reference_zeroshot(*args, image_size=64, batch_size=8,
-                                                   on_bad_image="skip")
+    reference_bundle.run_reference_zeroshot(*args, batch_size=8)
+  result = reference_bundle.run_reference_zeroshot(*args, batch_size=8, on_bad_image="skip")
   assert [p.name for p, _ in result.skipped] == ["a_broken.jpg"]
   assert len(result.predictions) == sum(count for _, count in CLASS_SOURCES.values())
 

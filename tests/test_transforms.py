@@ -42,6 +42,9 @@ def test_exif_orientation_is_applied():
   decoded = transforms.decode_image(_encode(image, "PNG", exif=exif.tobytes()))
   # Orientation 6 displays the stored image rotated 90 degrees clockwise = np.rot90(k=-1).
   np.testing.assert_array_equal(decoded, np.rot90(image, k=-1))
+  # PyTorch's loaders keep the stored orientation; a spec with exif_transpose=False does the same.
+  stored = transforms.decode_image(_encode(image, "PNG", exif=exif.tobytes()), exif_transpose=False)
+  np.testing.assert_array_equal(stored, image)
 
 
 def test_sixteen_bit_png_scales_full_range():
@@ -105,14 +108,44 @@ def test_pixel_limit_is_configurable():
 # Views
 # ---------------------------------------------------------------------------------------------------
 
-def test_eval_view_centre_crops_without_resizing_when_short_side_fits():
+def test_eval_pixels_centre_crop_without_resizing_when_short_side_fits():
   image = _test_image(32, 64)
-  np.testing.assert_array_equal(transforms.eval_view(image, 32), image[:, 16:48])
-  np.testing.assert_array_equal(transforms.eval_view(image[:31], 31, "shortest"), image[:31, 16:47])
-  assert transforms.eval_view(image, 20, "squash").shape == (20, 20, 3)
-  padded = transforms.eval_view(image, 64, "longest")
-  np.testing.assert_array_equal(padded[16:48], image)
-  assert (padded[:16] == 0).all() and (padded[48:] == 0).all()
+  spec = transforms.preset("openclip", image_size=32)
+  np.testing.assert_array_equal(transforms.eval_pixels(image, spec), image[:, 16:48])
+  # 35 - 32 = 3 columns to lose: torchvision puts round(1.5) = 2 on the left, HF floor(1.5) = 1.
+  narrow = _test_image(32, 35)
+  np.testing.assert_array_equal(transforms.eval_pixels(narrow, spec), narrow[:, 2:34])
+  hf = transforms.preset("hf-clip", image_size=32)
+  np.testing.assert_array_equal(transforms.eval_pixels(narrow, hf), narrow[:, 1:33])
+  square = transforms.PreprocessSpec("sq", 20, 20, transforms.CLIP_MEAN, transforms.CLIP_STD,
+                                     resize="square")
+  assert transforms.eval_pixels(image, square).shape == (20, 20, 3)
+
+
+def test_eval_view_resizes_the_shorter_side_then_normalises_with_the_spec():
+  image = _test_image(40, 100, seed=3)
+  spec = transforms.preset("dino-eval", image_size=28)  # resize to int(28 * 256 / 224) = 32 first
+  assert spec.resize_size == 32 and spec.interpolation == "bicubic"
+  resized = Image.fromarray(image).resize((80, 32), Image.BICUBIC)  # int(32 * 100 / 40) = 80
+  crop = np.asarray(resized)[2:30, 26:54]  # round((32 - 28) / 2) = 2, round((80 - 28) / 2) = 26
+  expected = (crop / 255.0 - np.array(transforms.IMAGENET_MEAN)) / np.array(transforms.IMAGENET_STD)
+  np.testing.assert_allclose(transforms.eval_view(image, spec), expected, atol=1e-5)
+
+
+def test_preprocess_spec_round_trips_and_names_bad_values():
+  for name in transforms.PRESETS:
+    spec = transforms.preset(name, 64, pooling="last4")
+    assert transforms.PreprocessSpec.from_dict(spec.to_dict()) == spec
+  with pytest.raises(ValueError, match="unknown preprocessing 'clip'; choose one of openclip"):
+    transforms.preset("clip")
+  data = transforms.preset("openclip").to_dict()
+  with pytest.raises(ValueError, match=r"m/config.json: preprocess spec 'openclip': interpolation='nearest'"):
+    transforms.PreprocessSpec.from_dict({**data, "interpolation": "nearest"}, "m/config.json")
+  with pytest.raises(ValueError, match=r"unknown keys \['size'\] and lacks \['image_size'\]"):
+    transforms.PreprocessSpec.from_dict({**{k: v for k, v in data.items() if k != "image_size"},
+                                         "size": 3})
+  with pytest.raises(ValueError, match="resize_size=200"):
+    transforms.PreprocessSpec.from_dict({**data, "resize_size": 200})
 
 
 def test_normalise_matches_closed_form():

@@ -37,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   features.add_argument("--clip-features", type=Path, help=".npy [N, clip_dim], same rows")
   models = parser.add_argument_group("models + data")
   models.add_argument("--dino", type=Path, help="DINO backbone: model directory or .pth")
-  models.add_argument("--dino-pooling", default="cls",
-                      help="DINO ViT features: 'cls' (the reference's, default), 'cls+avgpool' or "
-                           "'lastN' (DINO's linear-evaluation choices); zero-shot must use the same")
+  models.add_argument("--dino-pooling", default=None,
+                      help="DINO ViT features: 'cls' (the reference's), 'cls+avgpool' or 'lastN' "
+                           "(DINO's linear-evaluation choices); default: the one the DINO model "
+                           "records. The aligner file records it for zero-shot")
   models.add_argument("--model", type=Path, help="CLIP model directory")
   models.add_argument("--data", help="data source: ImageFolder, manifest, shards, tfds:NAME[:SPLIT]")
   models.add_argument("--reserve-eval", type=float, default=0.0, metavar="FRACTION",
@@ -74,7 +75,8 @@ def _load_npy(path: Path, flag: str) -> np.ndarray:
   return array
 
 
-def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
+  """(DINO features, CLIP image features, the DINO pooling they were taken with)."""
   from agriclip_jax import features, zeroshot
   from input_pipeline.sources import open_source
   source = open_source(args.data)
@@ -90,7 +92,7 @@ def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndar
   data_print = features.data_fingerprint(args.data, len(source))
   encoded = features.encode_source(source, indices, [dino, clip.image], args.batch_size,
                                    cache=cache, data_fingerprint=data_print, desc="align features")
-  return encoded.features["dino"], encoded.features["clip_image"]
+  return encoded.features["dino"], encoded.features["clip_image"], dino.pooling
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
   else:
     if None in (args.dino, args.model, args.data):
       raise SystemExit("agriclip align: --dino, --model and --data go together")
-    x, y = _features_from_models(args)
+    x, y, pooling = _features_from_models(args)
 
   start = time.perf_counter()
   if args.method == "exact":
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
              "holdout_fraction": args.holdout, "seed": args.seed}
   metadata = {"method": result.method, "metrics": result.metrics}
   if not have_arrays:
-    metadata["dino_pooling"] = args.dino_pooling  # the features zero-shot must give it
+    metadata["dino_pooling"] = pooling  # the features zero-shot must give it
   align.save_aligner(result.aligner, args.out, metadata=metadata)
   metrics_path = args.metrics_out or args.out.with_name(args.out.name + ".metrics.json")
   metrics_path.write_text(json.dumps(summary, indent=2) + "\n")

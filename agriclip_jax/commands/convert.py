@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from agriclip_jax.convert import registry
+from input_pipeline.transforms import PRESETS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dst", required=True, help="destination file or directory")
   parser.add_argument("--dst-format", required=True,
                       help=f"format of --dst: {', '.join(sorted(writers))}")
+  parser.add_argument("--preprocess", choices=PRESETS, default=None,
+                      help="the eval view the written model records: openclip (CLIP sources' "
+                           "default), hf-clip, agriclip-reference (DINO sources' default: shorter "
+                           "side 224 bilinear, crop 224, ImageNet mean/std) or dino-eval (DINO's own "
+                           "256 bicubic then crop 224)")
   parser.add_argument("--model-name", default=None,
                       help="open_clip model name for openclip sources, e.g. ViT-B-16 (exact GELU) or "
                            "ViT-B-16-quickgelu (OpenAI weights); decides activation and heads")
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
   options = {"model_name": args.model_name, "tokenizer": args.tokenizer,
              "allow_torchscript": args.allow_torchscript, "which": args.which, "part": args.part,
              "heads": args.heads, "depth": args.depth, "drop_fc": args.drop_fc,
-             "drop_classifier": args.drop_classifier}
+             "drop_classifier": args.drop_classifier, "preprocess": args.preprocess}
   model = registry.convert(args.src, args.src_format, args.dst, args.dst_format, options)
   print(f"converted {args.src} ({args.src_format}) -> {args.dst} ({args.dst_format}): "
         f"model_type {model.model_type}")

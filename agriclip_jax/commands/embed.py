@@ -3,11 +3,12 @@
   agriclip embed --model models/clip --images photos/ --texts prompts.txt --out embeddings.npz
 
 The .npz holds `image_paths` (sorted), `image_features` (the image tower's output before
-normalisation), `image_embeddings` (L2-normalised) and, for models with a text tower,
-`texts`, `text_embeddings` (L2-normalised, one per line of --texts) and `logit_scale`.
-Images get CLIP's evaluation view: shorter side resized (bicubic) to the model's image size, centre
-crop, CLIP mean/std. One jitted forward with a fixed batch shape (the last batch is padded) so that
-XLA compiles once.
+normalisation: for DINO models the backbone's features with the pooling the model records),
+`image_embeddings` (L2-normalised) and, for models with a text tower, `texts`, `text_embeddings`
+(L2-normalised, one per line of --texts) and `logit_scale`.
+Images get the evaluation view the model directory records (`model_io.read_preprocess`: e.g.
+open_clip's for CLIP, the AgriCLIP reference's ImageNet view for DINO). One jitted forward with a
+fixed batch shape (the last batch is padded) so that XLA compiles once.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from agriclip_jax import model_io
-from input_pipeline.transforms import BadRecord, decode_image, eval_view, normalise
+from agriclip_jax import features, model_io
+from input_pipeline.transforms import PreprocessSpec, load_eval_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -77,32 +78,20 @@ def read_texts(path: str | Path) -> list[str]:
   return texts
 
 
-def load_pixels(path: Path, size: int) -> np.ndarray:
-  """CLIP's eval view of one image file: float32 [size, size, 3], normalised."""
-  try:
-    image = decode_image(path.read_bytes())
-  except BadRecord as e:
-    raise ValueError(f"{path}: cannot use this image ({e})") from e
-  return normalise(eval_view(image, size), "clip")
+def load_pixels(path: Path, spec: PreprocessSpec) -> np.ndarray:
+  """The model's eval view of one image file: float32 [S, S, 3], normalised."""
+  return load_eval_image(path.read_bytes(), spec, str(path))
 
 
 # ------------------------------------------------------------------------------------------------
 # Model functions
 # ------------------------------------------------------------------------------------------------
 
-def image_size_of(model_type: str, config: Mapping[str, Any]) -> int:
-  _, inputs = model_io.build_model(model_type, config)
-  return int(inputs[0].shape[1])
-
-
-def image_feature_fn(model_type: str, config: Mapping[str, Any]) -> Callable:
-  """jitted (variables, images [B,S,S,3]) -> image features [B, E], before normalisation."""
+def image_feature_fn(model_type: str, config: Mapping[str, Any], pooling: str | None = None,
+                     source: str = "model") -> Callable:
+  """jitted (variables, images [B,S,S,3]) -> image features [B, E] (`features.image_features_fn`)."""
   import jax
-  module, _ = model_io.build_model(model_type, config)
-  if model_type == "clip":
-    from agriclip_jax.models.clip import CLIP
-    return jax.jit(lambda variables, images: module.apply(variables, images, method=CLIP.encode_image))
-  return jax.jit(lambda variables, images: module.apply(variables, images))
+  return jax.jit(features.image_features_fn(model_type, dict(config), pooling, source))
 
 
 def text_feature_fn(config: Mapping[str, Any]) -> Callable:
@@ -174,11 +163,14 @@ def embed(model_dir: str | Path, images: str | Path, texts_file: str | Path | No
   if texts is not None:
     from agriclip_jax.tokenizer import load_tokenizer
     tokens = load_tokenizer(model_dir).encode(texts, config["text"]["context_length"])
-  size = image_size_of(model_type, config)
-  features = run_batched(image_feature_fn(model_type, config), variables, paths, batch_size,
-                         lambda p: load_pixels(p, size), "images")
-  result = {"image_paths": np.array([str(p) for p in paths]), "image_features": features,
-            "image_embeddings": l2_normalise(features)}
+  if model_type not in model_io.IMAGE_MODEL_TYPES:
+    raise ValueError(f"{model_dir}: model_type {model_type!r} does not read images")
+  spec = model_io.read_preprocess(model_dir)
+  forward = image_feature_fn(model_type, config, spec.pooling, str(model_dir))
+  image_features = run_batched(forward, variables, paths, batch_size,
+                               lambda p: load_pixels(p, spec), "images")
+  result = {"image_paths": np.array([str(p) for p in paths]), "image_features": image_features,
+            "image_embeddings": l2_normalise(image_features)}
   if has_text:
     result["logit_scale"] = np.float32(jnp.exp(variables["params"]["logit_scale"]))
   if tokens is not None:

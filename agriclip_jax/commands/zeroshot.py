@@ -177,9 +177,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", type=Path, help="CLIP model directory (text tower + image tower)")
   parser.add_argument("--dino", type=Path, help="DINO backbone: model directory or .pth")
   parser.add_argument("--aligner", type=Path, help="aligner: .pth | .safetensors | .npz | model dir")
-  parser.add_argument("--dino-pooling", default="cls",
-                      help="DINO ViT features the aligner was fitted on: 'cls' (default), "
-                           "'cls+avgpool' or 'lastN' (as given to `agriclip align`)")
+  parser.add_argument("--dino-pooling", default=None,
+                      help="DINO ViT features the aligner was fitted on: 'cls', 'cls+avgpool' or "
+                           "'lastN' (default: the one the DINO model records)")
   parser.add_argument("--data", help="ImageFolder (or any source with labels); tfds:NAME[:SPLIT]")
   parser.add_argument("--task", help="a registered task (its templates and class names)")
   parser.add_argument("--template", action="append",

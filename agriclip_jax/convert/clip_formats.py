@@ -27,6 +27,7 @@ from agriclip_jax import fileio, model_io
 from agriclip_jax.convert.registry import ConvertedModel
 from agriclip_jax.models.configs import CLIPConfig, TextConfig, VisionConfig, clip_config
 from agriclip_jax.tokenizer import ClipTokenizer, installed_openai_bpe, load_tokenizer
+from input_pipeline.transforms import PreprocessSpec, preset
 
 # ------------------------------------------------------------------------------------------------
 # Tensor rules
@@ -381,7 +382,8 @@ def read_openclip(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
   variables = torch_layout_to_flax(state, clip_rules(config, "openclip"),
                                    model_io.abstract_variables("clip", config.to_dict()), str(src))
   tokenizer_dir = resolve_tokenizer_dir(None, options, config.text.vocab_size, str(src))
-  return ConvertedModel("clip", config.to_dict(), variables, tokenizer_dir)
+  return ConvertedModel("clip", config.to_dict(), variables, tokenizer_dir,
+                        preset("openclip", config.vision.image_size))
 
 
 def openclip_model_name(config: CLIPConfig) -> str | None:
@@ -504,7 +506,51 @@ def read_hf(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
   variables = torch_layout_to_flax(state, clip_rules(config, "hf"),
                                    model_io.abstract_variables("clip", config.to_dict()), str(weights_path))
   tokenizer_dir = resolve_tokenizer_dir(src, options, config.text.vocab_size, str(src))
-  return ConvertedModel("clip", config.to_dict(), variables, tokenizer_dir)
+  return ConvertedModel("clip", config.to_dict(), variables, tokenizer_dir,
+                        hf_preprocess(src, config.vision.image_size))
+
+
+# PIL resampling codes that HF image processors store.
+_HF_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+
+
+def hf_preprocess(src: Path, image_size: int) -> PreprocessSpec:
+  """The view of an HF model directory's preprocessor_config.json (CLIPImageProcessor's fields),
+  or CLIPImageProcessor's defaults for this image size when the directory has none."""
+  path = Path(src) / "preprocessor_config.json"
+  if not path.is_file():
+    return preset("hf-clip", image_size)
+  hf = fileio.read_json(path, "HF image processor config")
+  size = hf.get("size", {"shortest_edge": image_size})
+  if isinstance(size, int):
+    size = {"shortest_edge": size}
+  if "shortest_edge" in size:
+    resize, resize_size = "shorter-side", int(size["shortest_edge"])
+  elif size.get("height") is not None and size.get("height") == size.get("width"):
+    resize, resize_size = "square", int(size["height"])
+  else:
+    raise ValueError(f"{path}: size {size} is not supported (a shortest_edge or a square)")
+  crop = hf.get("crop_size", resize_size) if hf.get("do_center_crop", True) else resize_size
+  if isinstance(crop, Mapping):
+    if crop.get("height") != crop.get("width"):
+      raise ValueError(f"{path}: crop_size {crop} is not square")
+    crop = crop["height"]
+  resample = hf.get("resample", 3)
+  if resample not in _HF_RESAMPLE:
+    raise ValueError(f"{path}: resample {resample!r} is not supported; known: "
+                     f"{', '.join(f'{k} ({v})' for k, v in _HF_RESAMPLE.items())}")
+  for key in ("do_resize", "do_rescale", "do_normalize"):
+    if hf.get(key, True) is not True:
+      raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (this project always resizes, "
+                       f"rescales by 1/255 and normalises)")
+  defaults = preset("hf-clip", image_size)
+  try:
+    return dataclasses.replace(
+        defaults, name="hf", image_size=int(crop), resize_size=resize_size, resize=resize,
+        interpolation=_HF_RESAMPLE[resample],
+        mean=tuple(hf.get("image_mean", defaults.mean)), std=tuple(hf.get("image_std", defaults.std)))
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
 
 
 def hf_config_from_ours(config: CLIPConfig, tokenizer: ClipTokenizer | None) -> dict[str, Any]:

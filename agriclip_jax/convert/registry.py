@@ -6,6 +6,9 @@ the modules that define formats (no registration by import side effects): `flax`
 `hf`/`openclip` in `clip_formats`, and the DINO formats in `agriclip_jax.convert.dino` when that
 module exists. Format names are part of the command line that scripts rely on: keep them stable.
 
+`convert` also takes option `preprocess`: a view name of `input_pipeline.transforms.PRESETS` that
+replaces the source's view in the written model directory.
+
 Options every reader/writer may receive: `model_name`, `tokenizer`, `allow_torchscript`, and
 `scratch_dir` (a temporary directory that lives for one conversion, for materialised tokenizer files).
 """
@@ -20,15 +23,19 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from agriclip_jax import model_io
+from input_pipeline.transforms import PreprocessSpec
 
 
 @dataclasses.dataclass
 class ConvertedModel:
-  """A model between formats: what `model_io.save_model_dir` writes, plus where its tokenizer is."""
+  """A model between formats: what `model_io.save_model_dir` writes, plus where its tokenizer is.
+
+  `preprocess` is the eval view the source defines (None: the model type's default view)."""
   model_type: str
   config: dict
   variables: dict
   tokenizer_dir: Path | None = None
+  preprocess: PreprocessSpec | None = None
 
 
 Reader = Callable[[Path, Mapping[str, Any]], ConvertedModel]
@@ -43,7 +50,9 @@ def read_flax(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
   del options
   model_type, config, variables = model_io.load_model_dir(src)
   tokenizer_dir = Path(src) if model_io.has_tokenizer(src) else None
-  return ConvertedModel(model_type, config, variables, tokenizer_dir)
+  preprocess = (model_io.read_preprocess(src) if model_type in model_io.IMAGE_MODEL_TYPES
+                else None)
+  return ConvertedModel(model_type, config, variables, tokenizer_dir, preprocess)
 
 
 def write_flax(model: ConvertedModel, dst: Path, options: Mapping[str, Any]) -> None:
@@ -51,7 +60,8 @@ def write_flax(model: ConvertedModel, dst: Path, options: Mapping[str, Any]) -> 
   if model.model_type in TYPES_WITH_TEXT and model.tokenizer_dir is None:
     raise ValueError(f"a {model.model_type!r} model directory must carry its tokenizer files; pass "
                      f"--tokenizer PATH (a bpe_simple_vocab_16e6.txt.gz or an HF tokenizer directory)")
-  model_io.save_model_dir(dst, model.model_type, model.config, model.variables, model.tokenizer_dir)
+  model_io.save_model_dir(dst, model.model_type, model.config, model.variables, model.tokenizer_dir,
+                          preprocess=model.preprocess)
 
 
 def _merge(into: dict[str, Any], table: Mapping[str, Any], origin: str, kind: str) -> None:
@@ -98,6 +108,8 @@ def convert(src: str | Path, src_format: str, dst: str | Path, dst_format: str,
   with tempfile.TemporaryDirectory(prefix="agriclip-convert-") as scratch:
     opts = {**(options or {}), "scratch_dir": Path(scratch)}
     model = reader(Path(src), opts)
+    if opts.get("preprocess"):  # the user's choice of view replaces the source's
+      model.preprocess = model_io.preprocess_for(model.model_type, model.config, opts["preprocess"])
     writer(model, Path(dst), opts)
     if model.tokenizer_dir is not None and Path(scratch) in Path(model.tokenizer_dir).parents:
       model.tokenizer_dir = None  # the scratch copy is about to go; `dst` holds the files now
