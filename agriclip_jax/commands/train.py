@@ -111,8 +111,18 @@ def run(args: argparse.Namespace) -> int:
                        heartbeat_timeout_seconds=config.distributed.heartbeat_timeout_seconds,
                        cpu_collectives=args.cpu_collectives)
   from agriclip_jax.train.loop import train
-  train(config, args.workdir)
-  return 0
+  try:
+    last = train(config, args.workdir)
+  except KeyboardInterrupt:
+    # A second Ctrl-C: stopped at once. Orbax commits a step by renaming its finished temporary
+    # directory, so a save cut short here is never restored.
+    print(f"agriclip train: interrupted: stopped at once by a second Ctrl-C; resuming restores "
+          f"the newest complete checkpoint in {Path(args.workdir) / 'checkpoints'}",
+          file=sys.stderr, flush=True)
+    return 130
+  # Ctrl-C (after its checkpoint) exits as shells expect of an interrupted command, so that
+  # `agriclip train ... && agriclip align ...` does not go on; a preemption's SIGTERM exits 0.
+  return 130 if last.get("stopped_by") == "SIGINT" else 0
 
 
 if __name__ == "__main__":

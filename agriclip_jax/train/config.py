@@ -15,19 +15,37 @@ from typing import Any
 import ml_collections
 
 
+def _run_config_code(path: Path, call: Any, what: str) -> Any:
+  """Runs the config file's own code; whatever it raises becomes a ValueError naming the file
+  (a config's mistakes are the user's to fix, not a traceback into this package)."""
+  try:
+    return call()
+  except SyntaxError as err:
+    raise ValueError(f"config file {path}: syntax error at line {err.lineno}: {err.msg}") from err
+  except Exception as err:  # noqa: BLE001 -- any error of the user's code, named with its file
+    raise ValueError(f"config file {path}: {what} failed: {type(err).__name__}: {err}") from err
+
+
 def load_config_file(spec: str, default_arg: str | None = None, lock: bool = True):
   """`path.py[:arg]` -> the ConfigDict its `get_config(arg)` returns (locked: no new keys)."""
   path_text, _, arg = str(spec).partition(":")
   path = Path(path_text)
   if not path.is_file():
     raise FileNotFoundError(f"config file {path} not found")
+  if path.suffix != ".py":
+    raise ValueError(f"config file {path} is not a .py file: give a Python file that defines "
+                     f"get_config(arg), as configs/tiny.py does")
   module_spec = importlib.util.spec_from_file_location(f"agriclip_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
+  _run_config_code(path, lambda: module_spec.loader.exec_module(module), "running it")
+  if not callable(getattr(module, "get_config", None)):
     raise ValueError(f"config file {path} defines no get_config(arg)")
   arg = arg or default_arg
-  config = module.get_config(arg) if arg else module.get_config()
+  config = _run_config_code(path, lambda: module.get_config(arg) if arg else module.get_config(),
+                            f"get_config({arg!r})" if arg else "get_config()")
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"config file {path}: get_config() returned {type(config).__name__}, not an "
+                     f"ml_collections.ConfigDict (start from default_config() and return it)")
   if lock:
     config.lock()
   return config
@@ -62,6 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.accumulate_steps = 1
   c.fast_compile = False  # cheaper XLA compilation, slower steps: for tiny CPU runs and tests
   c.nonfinite = "skip"  # skip: count and continue | stop: stop with the last good checkpoint
+  # With "skip": a run whose skipped steps pass this fraction of its steps stops (checked at each
+  # checkpoint and at the end) instead of saving or exporting a model that did not learn.
+  c.max_skipped_fraction = 0.5
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=((r".*", "fsdp"),), min_size=2 ** 14))
   c.async_checkpoints = True
@@ -94,10 +115,10 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _positive(config: Any, key: str) -> None:
+def _positive(config: Any, key: str, where: str = "config") -> None:
   value = config[key]
-  if not isinstance(value, int) or value < 1:
-    raise ValueError(f"config.{key}={value!r} must be a positive integer")
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{where}.{key}={value!r} must be a positive integer")
 
 
 def validate_config(config: Any, n_devices: int, process_count: int = 1) -> None:
@@ -111,6 +132,13 @@ def validate_config(config: Any, n_devices: int, process_count: int = 1) -> None
     _positive(config, key)
   if config.nonfinite not in ("skip", "stop"):
     raise ValueError(f"config.nonfinite={config.nonfinite!r}; expected 'skip' or 'stop'")
+  fraction = config.max_skipped_fraction
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    raise ValueError(f"config.max_skipped_fraction={fraction!r} must be a number in [0, 1): the "
+                     f"largest fraction of steps that may be skipped for a non-finite loss")
+  for key in ("image_size", "global_crop_size", "local_crop_size", "context_length",
+              "toy_records"):
+    _positive(config.data, key, "config.data")
   data, fsdp = mesh_shape(config.mesh.data, config.mesh.fsdp, n_devices)
   n_devices = data * fsdp  # the devices the mesh uses
   micro_batch = config.batch_size // config.accumulate_steps

@@ -8,6 +8,7 @@ checkpoint restore, the loop with logging / checkpointing / preemption, and the 
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from agriclip_jax.fileio import atomic_write_text
+
 from agriclip_jax.train import checkpoint as ckpt_lib
 from agriclip_jax.train import multihost
 from agriclip_jax.train import state as state_lib
 from agriclip_jax.train import steps as steps_lib
+from agriclip_jax.train import workdir_lock
 from agriclip_jax.train.config import validate_config
 from agriclip_jax.train.metrics_writer import MetricsWriter
 from agriclip_jax.train.sharding import make_mesh, to_global_batch
@@ -57,6 +61,7 @@ def make_dataset(config: Any, process_index: int, process_count: int) -> tuple[A
                        "to tokenize captions")
     from agriclip_jax.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer_fits(tokenizer.vocab_size, tokenizer_path, config)
     length = d.context_length
     tokenize = lambda texts: tokenizer.encode(list(texts), context_length=length)
   multicrop = transforms.MultiCropConfig(global_size=d.global_crop_size,
@@ -72,31 +77,58 @@ def make_dataset(config: Any, process_index: int, process_count: int) -> tuple[A
   return dataset, max(records // config.batch_size, 1)
 
 
+def check_tokenizer_fits(tokenizer_size: int, tokenizer_path: str, config: Any) -> None:
+  """A tokenizer with more tokens than the text model's embedding table gives ids that have no
+  embedding: the loss is NaN from step 1. Checked before anything is compiled."""
+  model_size = state_lib.clip_model_config(config).text.vocab_size
+  if tokenizer_size <= model_size:
+    return
+  where = (f"the model in clip.init_from={config.clip.init_from!r}" if config.clip.get("init_from")
+           else f"config.clip.vocab_size={model_size}")
+  raise ValueError(
+      f"tokenizer {tokenizer_path} has {tokenizer_size} tokens but the CLIP text model embeds "
+      f"only {model_size} ({where}): token ids from {model_size} up have no embedding and the "
+      f"loss would be NaN from step 1; use the model's own tokenizer or set "
+      f"--config.clip.vocab_size={tokenizer_size}")
+
+
 # ----------------------------------------------------------------------------------------------
-# Preemption
+# Preemption and Ctrl-C
 # ----------------------------------------------------------------------------------------------
 
 class PreemptionFlag:
-  """Set by SIGTERM; the loop saves at the next step boundary and exits cleanly."""
+  """Set by SIGTERM or a first SIGINT (Ctrl-C): the loop saves at the next step boundary and
+  exits cleanly. A second SIGINT raises KeyboardInterrupt at once; the step being saved then is
+  left under Orbax's temporary name, which a restore never reads."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no signal handling
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
     self.requested = True
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print("Ctrl-C: saving a checkpoint at the end of this step, then stopping (press Ctrl-C "
+            "again to stop at once, without that checkpoint)", file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def _format_eta(seconds: float) -> str:
@@ -144,92 +176,175 @@ def export_models(task: state_lib.TrainTask, state: dict, workdir: Path, config:
 
 
 # ----------------------------------------------------------------------------------------------
+# Guards: the workdir's run kind, the steps left, the skipped steps
+# ----------------------------------------------------------------------------------------------
+
+def check_workdir_kind(workdir: Path, config: Any) -> None:
+  """A workdir holds one kind of run: resuming a contrastive run as DINO (or the reverse) would
+  find checkpoints of another structure. Checked before anything in the workdir is touched."""
+  path = workdir / "config.json"
+  if not path.is_file():
+    return
+  from agriclip_jax.fileio import read_json
+  previous = read_json(path, "the workdir's run config")
+  kind = previous.get("kind") if isinstance(previous, dict) else None
+  if kind is not None and kind != config.kind:
+    raise ValueError(f"{path}: workdir {workdir} holds a {kind!r} run but this config is "
+                     f"kind={config.kind!r}; use another --workdir for it")
+
+
+def check_steps_left(start_step: int, config: Any, checkpoint_dir: Path) -> None:
+  if start_step > config.total_steps:
+    raise ValueError(
+        f"config.total_steps={config.total_steps} is below the newest checkpoint (step "
+        f"{start_step} in {checkpoint_dir}): this run would train nothing; give "
+        f"--config.total_steps above {start_step} to go on, or use another --workdir")
+
+
+def check_skipped_steps(state: dict, step: int, config: Any,
+                        checkpointer: ckpt_lib.Checkpointer) -> None:
+  """Stops a run that skipped more than `max_skipped_fraction` of its steps (non-finite loss or
+  gradient): its parameters did not learn from those batches, so it is neither saved nor
+  exported. The newest checkpoint, saved before the limit was passed, stays as it was."""
+  skipped = int(np.asarray(state["skipped"].addressable_data(0))) if isinstance(
+      state["skipped"], jax.Array) else int(state["skipped"])
+  if step < 1 or skipped <= config.max_skipped_fraction * step:
+    return
+  checkpointer.close()
+  raise NonFiniteLossError(
+      f"{skipped} of {step} steps had a non-finite loss or gradient and were skipped, more than "
+      f"config.max_skipped_fraction={config.max_skipped_fraction}: stopping without saving or "
+      f"exporting a model; the last good checkpoint ({checkpointer.latest_step()}) is intact in "
+      f"{checkpointer.directory}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 
 def train(config: Any, workdir: str | Path, stop_after_steps: int | None = None) -> dict[str, Any]:
-  """Runs (or resumes) the configured training; returns the last logged metrics.
+  """Runs (or resumes) the configured training; returns the last logged metrics, with
+  `stopped_by` ("SIGTERM" / "SIGINT") when a signal ended it early.
+
+  Everything that can be checked without touching the workdir is checked first (the config, the
+  data sources, the tokenizer): a bad config leaves no workdir behind. Then the workdir is
+  locked for this run (`workdir_lock`).
 
   `stop_after_steps`: leave the loop after this many steps of this invocation (tests).
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   process_index, process_count = jax.process_index(), jax.process_count()
-  is_main = process_index == 0
   validate_config(config, jax.device_count(), process_count)
-
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
   dataset, steps_per_epoch = make_dataset(config, process_index, process_count)
   task = state_lib.build_task(config, steps_per_epoch)
+  check_workdir_kind(workdir, config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpt_lib.quiet_save_tracebacks()
+  with workdir_lock.holding(workdir, enabled=process_index == 0), PreemptionFlag() as preemption:
+    return _train_in_workdir(config, workdir, mesh, dataset, task, preemption, stop_after_steps)
+
+
+def _train_in_workdir(config: Any, workdir: Path, mesh: Any, dataset: Any,
+                      task: state_lib.TrainTask, preemption: PreemptionFlag,
+                      stop_after_steps: int | None) -> dict[str, Any]:
+  process_count = jax.process_count()
+  is_main = jax.process_index() == 0
   shardings = state_lib.state_shardings_for(task, mesh, config)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.keep_checkpoints,
                                        config.async_checkpoints)
   data_iterator = iter(dataset)
   target = ckpt_lib.abstract_with_shardings(state_lib.abstract_state(task, config.seed), shardings)
   restored = checkpointer.restore_latest(target, data_iterator)
+  total = config.total_steps
   if restored is not None:
     state, start_step = restored
     if is_main:
       print(f"resumed from {checkpointer.directory} at step {start_step}", flush=True)
+    check_steps_left(start_step, config, checkpointer.directory)
+    if start_step == total:
+      # Nothing to train: export the finished run's models again (an earlier export may have
+      # failed), leaving its config.json and metrics as they are.
+      check_skipped_steps(state, total, config, checkpointer)
+      checkpointer.close()
+      export_models(task, state, workdir, config)
+      if is_main:
+        print(f"already done at step {total} (config.total_steps={total}): exported "
+              f"{workdir / 'models'} from that checkpoint", flush=True)
+      return {"step": total}
   else:
+    if checkpointer.moved_aside:
+      data_iterator = iter(dataset)  # it may hold the position of a step that was moved aside
     state, _ = state_lib.create_sharded_state(task, mesh, config, state_lib.load_pretrained(task))
     start_step = 0
   if is_main:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     print(f"training {config.kind}: {state_lib.parameter_count(state['params']):,} parameters, "
           f"mesh {dict(mesh.shape)}, {process_count} process(es), global batch "
           f"{config.batch_size}", flush=True)
 
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step,
                          tensorboard=config.tensorboard)
+  try:
+    last = _run_steps(config, state, start_step, mesh, shardings, task, data_iterator,
+                      checkpointer, writer, preemption, stop_after_steps, workdir)
+  finally:
+    writer.close()
+  return last
+
+
+def _run_steps(config, state, start_step, mesh, shardings, task, data_iterator, checkpointer,
+               writer, preemption, stop_after_steps, workdir) -> dict[str, Any]:
+  is_main = jax.process_index() == 0
   step_fn = steps_lib.jit_train_step(task, mesh, shardings, config.fast_compile)
   total = config.total_steps
   last: dict[str, Any] = {}
   window_start, window_steps = time.perf_counter(), 0
   run_start, steps_done_here = time.perf_counter(), 0
 
-  with PreemptionFlag() as preemption:
-    step = start_step
-    while step < total:
-      batch = to_global_batch(next(data_iterator), mesh)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      window_steps += 1
-      steps_done_here += 1
+  step = start_step
+  while step < total:
+    batch = to_global_batch(next(data_iterator), mesh)
+    state, metrics = step_fn(state, batch)
+    step += 1
+    window_steps += 1
+    steps_done_here += 1
 
-      if config.nonfinite == "stop" and int(metrics["nonfinite"]):
-        checkpointer.close()
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {step}; the state was not updated and the last "
-            f"good checkpoint ({checkpointer.latest_step()}) is intact in {checkpointer.directory}")
+    if config.nonfinite == "stop" and int(metrics["nonfinite"]):
+      checkpointer.close()
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {step}; the state was not updated and the last "
+          f"good checkpoint ({checkpointer.latest_step()}) is intact in {checkpointer.directory}")
 
-      if step % config.log_every_steps == 0 or step == total:
-        host = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - window_start
-        host["images_per_sec"] = config.batch_size * window_steps / max(elapsed, 1e-9)
-        writer.write(step, host)
-        last = {"step": step, **host}
-        window_start, window_steps = time.perf_counter(), 0
-        if is_main:
-          rate = (time.perf_counter() - run_start) / steps_done_here
-          print(f"step {step}/{total}  loss {host['loss']:.4f}  "
-                f"{host['images_per_sec']:.1f} img/s  ETA {_format_eta(rate * (total - step))}",
-                flush=True)
+    if step % config.log_every_steps == 0 or step == total:
+      host = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
+      elapsed = time.perf_counter() - window_start
+      host["images_per_sec"] = config.batch_size * window_steps / max(elapsed, 1e-9)
+      writer.write(step, host)
+      last = {"step": step, **host}
+      window_start, window_steps = time.perf_counter(), 0
+      if is_main:
+        rate = (time.perf_counter() - run_start) / steps_done_here
+        print(f"step {step}/{total}  loss {host['loss']:.4f}  "
+              f"{host['images_per_sec']:.1f} img/s  ETA {_format_eta(rate * (total - step))}",
+              flush=True)
 
-      preempted = multihost.any_process(preemption.requested)
-      if step % config.checkpoint_every_steps == 0 or step == total or preempted:
-        checkpointer.save(step, state, data_iterator)
-      if preempted:
-        checkpointer.close()
-        if is_main:
-          print(f"preempted: checkpoint saved at step {step}; exiting", flush=True)
-        writer.close()
-        return last
-      if stop_after_steps is not None and steps_done_here >= stop_after_steps:
-        break
+    preempted = multihost.any_process(preemption.requested)
+    if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+      check_skipped_steps(state, step, config, checkpointer)
+      writer.sync()  # the metrics of the steps this checkpoint covers are on disk first
+      checkpointer.save(step, state, data_iterator)
+    if preempted:
+      checkpointer.close()
+      name = preemption.signal_name or "a signal on another process"
+      if is_main:
+        print(f"stopped by {name}: checkpoint saved at step {step} in {checkpointer.directory}; "
+              f"run the same command again to resume", flush=True)
+      return {**last, "stopped_by": name}
+    if stop_after_steps is not None and steps_done_here >= stop_after_steps:
+      break
 
   checkpointer.close()
-  writer.close()
   if step == total:
     export_models(task, state, workdir, config)
   return last

@@ -3,13 +3,17 @@
 TensorBoard files are written with the `tensorboard` package's own event writer and protos,
 which need no TensorFlow. Only process 0 writes. On resume the lines of steps after the restored
 checkpoint (logged by the interrupted run, about to be redone) are dropped, so the file reads as
-one uninterrupted run.
+one uninterrupted run. Each line is appended with a single write, so it is whole or absent; a
+line cut short by an older version or a crash is dropped on resume with a warning.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,11 +33,31 @@ def _plain(value: Any) -> Any:
   return number if math.isfinite(number) else str(number)
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+def read_metrics(workdir: str | Path, warn: Any = None) -> list[dict[str, Any]]:
+  """The logged records. A line that is not a JSON object (the last one, cut short by a crash
+  or a full disk before lines were written whole) is dropped, each with a warning naming the
+  file and the line number through `warn(message)` (default: stderr)."""
   path = Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = []
+  for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if not isinstance(record, dict):
+      (warn or _warn)(f"{path} line {number} is not a whole JSON record ({line[:60]!r}); "
+                      f"dropping it")
+      continue
+    records.append(record)
+  return records
+
+
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class MetricsWriter:
@@ -43,6 +67,7 @@ class MetricsWriter:
     self._enabled = enabled
     self._path = Path(workdir) / METRICS_FILE
     self._tb = None
+    self._fd: int | None = None
     if not enabled:
       return
     self._drop_after(resume_step)
@@ -58,8 +83,7 @@ class MetricsWriter:
     if not self._enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with self._path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    self._append((json.dumps(record) + "\n").encode())
     if self._tb is not None:
       from tensorboard.compat.proto import event_pb2, summary_pb2
       values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
@@ -68,6 +92,29 @@ class MetricsWriter:
                                          summary=summary_pb2.Summary(value=values)))
       self._tb.flush()
 
+  def _append(self, line: bytes) -> None:
+    """One os.write on an O_APPEND descriptor: a line is whole or absent. A short write (the disk
+    filled mid-line) is cut back off before the error is raised."""
+    if self._fd is None:
+      self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(self._fd).st_size
+    try:
+      written = os.write(self._fd, line)
+    except OSError as err:
+      os.ftruncate(self._fd, size)
+      raise OSError(err.errno, err.strerror, str(self._path)) from err
+    if written != len(line):
+      os.ftruncate(self._fd, size)
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._path))
+
+  def sync(self) -> None:
+    """Flushes the lines written so far to the disk (called at checkpoints)."""
+    if self._fd is not None:
+      os.fsync(self._fd)
+
   def close(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
     if self._tb is not None:
       self._tb.close()
