@@ -75,12 +75,14 @@ def usable_captions(record: Mapping[str, Any], checks: RecordChecks) -> list[str
   return captions
 
 
-def check_and_decode(record: Mapping[str, Any], checks: RecordChecks):
-  """-> (upright RGB PIL image, usable captions); raises BadRecord with the first problem found."""
+def check_and_decode(record: Mapping[str, Any], checks: RecordChecks, exif_transpose: bool = True):
+  """-> (RGB PIL image, upright unless exif_transpose=False; usable captions); raises BadRecord
+  with the first problem found."""
   if record.get("error"):
     raise BadRecord(record["error"])
   captions = usable_captions(record, checks)
-  image = transforms.decode_pil(record["image_bytes"], checks.max_pixels, checks.min_side)
+  image = transforms.decode_pil(record["image_bytes"], checks.max_pixels, checks.min_side,
+                               exif_transpose)
   return image, captions
 
 
@@ -174,18 +176,18 @@ class TrainTransform(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
-  """Record -> deterministic eval view (uint8) with its index, or a bad marker."""
-  image_size: int
-  resize_mode: transforms.ResizeMode
+  """Record -> the model's eval view as uint8 (normalised after batching), with its index, or a
+  bad marker."""
+  spec: transforms.PreprocessSpec
   checks: RecordChecks
 
   def map(self, item: tuple[int, dict[str, Any]]) -> dict[str, Any]:
     index, record = item
     try:
-      image, _ = check_and_decode(record, self.checks)
+      image, _ = check_and_decode(record, self.checks, self.spec.exif_transpose)
     except BadRecord as bad:
       return {**_bad_marker(bad.reason, record["path"]), "index": np.int32(index)}
-    return {"images": transforms.eval_view(image, self.image_size, self.resize_mode),
+    return {"images": transforms.eval_pixels(image, self.spec),
             "label": np.int32(record["label"]), "index": np.int32(index)}
 
 
@@ -365,18 +367,16 @@ class EvalBatches:
   number of batches (its share of records, padded), so multi-host feature extraction stays in step.
   """
 
-  def __init__(self, source: Any, batch_size: int, image_size: int, normalisation: str = "clip",
-               resize_mode: transforms.ResizeMode = "shortest", checks: RecordChecks = RecordChecks(need_captions=False),
+  def __init__(self, source: Any, batch_size: int, spec: transforms.PreprocessSpec,
+               checks: RecordChecks = RecordChecks(need_captions=False),
                num_workers: int = 0, read_threads: int = 2, process_index: int = 0, process_count: int = 1):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if normalisation not in transforms.NORMALISATIONS:
-      raise ValueError(f"unknown normalisation {normalisation!r}; choose one of {sorted(transforms.NORMALISATIONS)}")
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
-    self.source, self.batch_size, self.image_size = source, batch_size, image_size
-    self.normalisation, self.num_workers, self.read_threads = normalisation, num_workers, read_threads
-    self.transform = EvalTransform(image_size, resize_mode, checks)
+    self.source, self.batch_size, self.spec = source, batch_size, spec
+    self.num_workers, self.read_threads = num_workers, read_threads
+    self.transform = EvalTransform(spec, checks)
     self.process_index, self.process_count = process_index, process_count
     per_process = -(-len(source) // process_count)
     self.num_batches = -(-per_process // batch_size)
@@ -392,7 +392,7 @@ class EvalBatches:
     return iter(_worker_processes(dataset, self.num_workers))
 
   def _padded(self, examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    size = self.image_size
+    size = self.spec.image_size
     images = np.zeros((self.batch_size, size, size, 3), np.uint8)
     label = np.full((self.batch_size,), -1, np.int32)
     index = np.full((self.batch_size,), -1, np.int32)
@@ -404,7 +404,7 @@ class EvalBatches:
         continue
       self.bad_records.add_good()
       images[row], label[row], mask[row] = example["images"], example["label"], True
-    return {"images": transforms.normalise(images, self.normalisation), "label": label,
+    return {"images": transforms.normalise_pixels(images, self.spec), "label": label,
             "index": index, "mask": mask}
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -423,10 +423,11 @@ class _WithRecord(grain.transforms.Map):
     return int(index), self.source[int(index)]
 
 
-def make_eval_batches(source: Any, batch_size: int, image_size: int, normalisation: str = "clip",
-                      resize_mode: transforms.ResizeMode = "shortest", **options: Any) -> EvalBatches:
-  """Ordered, padded, masked batches for feature extraction; see EvalBatches."""
-  return EvalBatches(source, batch_size, image_size, normalisation, resize_mode, **options)
+def make_eval_batches(source: Any, batch_size: int, spec: transforms.PreprocessSpec,
+                      **options: Any) -> EvalBatches:
+  """Ordered, padded, masked batches in a model's eval view (`model_io.read_preprocess`); see
+  EvalBatches."""
+  return EvalBatches(source, batch_size, spec, **options)
 
 
 # ------------------------------------------------------------------------------------------------
