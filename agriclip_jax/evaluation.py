@@ -283,14 +283,15 @@ def validation_split(labels: np.ndarray, fraction: float = 0.2, seed: int = 0
 
 
 def sweep_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                Cs: Sequence[float] = DEFAULT_C_GRID, validation: tuple[np.ndarray, np.ndarray] | None = None,
-                val_features: np.ndarray | None = None, val_labels: np.ndarray | None = None,
-                seed: int = 0, max_iter: int = 1000, tol: float = 1e-6
+                Cs: Sequence[float] = DEFAULT_C_GRID, val_features: np.ndarray | None = None,
+                val_labels: np.ndarray | None = None, val_fraction: float = 0.2, seed: int = 0,
+                max_iter: int = 1000, tol: float = 1e-6
                 ) -> tuple[LogisticProbe, dict[str, Any]]:
   """The probe whose C scores best on validation images, refitted on all of `features` [N, D].
 
   Features are L2-normalised here. Validation images are `val_features` / `val_labels` when given,
-  else a stratified split of the training set (`validation_split`). C values are fitted in
+  else a stratified split of `val_fraction` of the training set (`validation_split` by `seed`),
+  which the sweep's fits then leave out. C values are fitted in
   increasing order, each warm-started from the last; on equal validation accuracy the smaller C
   (the stronger penalty) wins. Returns (probe, {"C": [...], "validation_top1": [...],
   "validation_images": n, "best_C": c})."""
@@ -300,7 +301,7 @@ def sweep_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
   if not Cs:
     raise ValueError("the C sweep needs at least one value")
   if val_features is None:
-    fit_rows, val_rows = validation_split(labels, seed=seed)
+    fit_rows, val_rows = validation_split(labels, val_fraction, seed)
     fit_features, fit_labels = features[fit_rows], labels[fit_rows]
     val_features, val_labels = features[val_rows], labels[val_rows]
   else:
