@@ -34,15 +34,18 @@ class CLIP(nn.Module):
   def encode_text(self, tokens: jax.Array, train: bool = False) -> jax.Array:
     return self.text(tokens, train=train)
 
+  def logit_parameters(self) -> tuple[jax.Array, jax.Array | None]:
+    """(logit scale = exp(stored log), logit bias or None): what the losses take besides the
+    embeddings."""
+    bias = self.logit_bias if self.config.init_logit_bias is not None else None
+    return jnp.exp(self.logit_scale), bias
+
   def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> dict:
     image_embeddings = l2_normalize(self.encode_image(images, train))
     text_embeddings = l2_normalize(self.encode_text(tokens, train))
-    return dict(
-        image_embeddings=image_embeddings,
-        text_embeddings=text_embeddings,
-        logit_scale=jnp.exp(self.logit_scale),
-        logit_bias=self.logit_bias if self.config.init_logit_bias is not None else None,
-    )
+    logit_scale, logit_bias = self.logit_parameters()
+    return dict(image_embeddings=image_embeddings, text_embeddings=text_embeddings,
+                logit_scale=logit_scale, logit_bias=logit_bias)
 
 
 def init_clip(config: CLIPConfig, rng: jax.Array, batch: int = 1):

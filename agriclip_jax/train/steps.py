@@ -5,9 +5,17 @@ dino:        student on all crops, EMA teacher on the global crops, centring and
 joint:       both models from the same batch, in the same step (one pass over the data).
 
 The step is jitted once with explicit shardings and the state donated (`jit_train_step`).
+
 Gradient accumulation splits the global batch into `accumulate_steps` micro-batches (strided, so
-every device keeps its own rows) and scans over them; contrastive negatives then come from the
-micro-batch only, as with any accumulation that does not cache features.
+every device keeps its own rows). The contrastive loss stays that of the whole global batch, with
+all its negatives (GradCache; open_clip's --accum-freq): a first pass embeds every micro-batch
+without keeping activations, the loss and its gradient with respect to the embeddings are taken
+on the whole batch, and a second pass recomputes each micro-batch's towers (same dropout and
+drop-path draws) and back-propagates its slice of that gradient. Peak activation memory is then
+one micro-batch's, for one more forward pass of the towers. DINO's loss is a mean over images
+with the step's centre and teacher, so averaging it over micro-batches is already exact; only
+BatchNorm (ResNet students and teachers) sees micro-batch statistics, its running statistics
+updated once per micro-batch.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from agriclip_jax import losses
+from agriclip_jax.models.clip import CLIP
 from agriclip_jax.models.dino import DINO
 from agriclip_jax.train.sharding import BATCH_AXES, batch_sharding, replicated
 from agriclip_jax.train.state import TrainTask
@@ -36,21 +45,36 @@ REQUIRED_KEYS = {"contrastive": ("images", "tokens"), "dino": ("global_crops", "
 # Losses of each part
 # ----------------------------------------------------------------------------------------------
 
-def _contrastive(task: TrainTask, mesh: Mesh | None, params: Any, batch: Batch,
-                 rng: jax.Array) -> tuple[jax.Array, Metrics]:
-  out = task.clip_model.apply({"params": params}, batch["images"], batch["tokens"], train=True,
-                              rngs={"dropout": rng})
-  images, texts, scale = out["image_embeddings"], out["text_embeddings"], out["logit_scale"]
+def _contrastive_loss(task: TrainTask, mesh: Mesh | None, images: jax.Array, texts: jax.Array,
+                      scale: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """The contrastive loss of L2-normalised embeddings [B, D] (dense, or sharded on the mesh)."""
   use_sharded = task.sharded_loss and mesh is not None and mesh.size > 1
   if task.contrastive_loss == "sigmoid":
-    bias = out["logit_bias"]
     if bias is None:
       raise ValueError("clip.loss='sigmoid' needs a model with a logit bias (clip.init_logit_bias)")
-    loss = (losses.sigmoid_loss_chunked(images, texts, scale, bias, mesh) if use_sharded
+    return (losses.sigmoid_loss_chunked(images, texts, scale, bias, mesh) if use_sharded
             else losses.sigmoid_loss(images, texts, scale, bias))
-  else:
-    loss = (losses.infonce_loss_sharded(images, texts, scale, mesh) if use_sharded
-            else losses.infonce_loss(images, texts, scale))
+  return (losses.infonce_loss_sharded(images, texts, scale, mesh) if use_sharded
+          else losses.infonce_loss(images, texts, scale))
+
+
+def _clip_embeddings(task: TrainTask, params: Any, batch: Batch, rng: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+  """L2-normalised (image, text) embeddings of a batch in training mode."""
+  out = task.clip_model.apply({"params": params}, batch["images"], batch["tokens"], train=True,
+                              rngs={"dropout": rng})
+  return out["image_embeddings"], out["text_embeddings"]
+
+
+def _logit_parameters(task: TrainTask, params: Any) -> tuple[jax.Array, jax.Array | None]:
+  return task.clip_model.apply({"params": params}, method=CLIP.logit_parameters)
+
+
+def _contrastive(task: TrainTask, mesh: Mesh | None, params: Any, batch: Batch,
+                 rng: jax.Array) -> tuple[jax.Array, Metrics]:
+  images, texts = _clip_embeddings(task, params, batch, rng)
+  scale, bias = _logit_parameters(task, params)
+  loss = _contrastive_loss(task, mesh, images, texts, scale, bias)
   return loss, {"contrastive_loss": loss, "logit_scale": scale}
 
 
@@ -106,6 +130,20 @@ def _stats(state: State) -> dict[str, Any]:
           "teacher_batch_stats": state.get("teacher_batch_stats", {})}
 
 
+def _dino_part(task: TrainTask, params: Any, state: State, stats: dict[str, Any], batch: Batch,
+               rng: jax.Array) -> tuple[jax.Array, Metrics, jax.Array, dict[str, Any]]:
+  """DINO's loss, metrics and teacher mean on `batch`, and the BatchNorm statistics after it."""
+  has_bn = task.dino_model.config.has_batch_norm
+  loss, parts, teacher_mean, (student_bs, teacher_bs) = _dino(
+      task, params, state["teacher"]["dino"], state["centre"], batch, rng, state["step"],
+      stats["batch_stats"].get("dino") if has_bn else None,
+      stats["teacher_batch_stats"].get("dino") if has_bn else None)
+  if has_bn:
+    stats = {"batch_stats": {**stats["batch_stats"], "dino": student_bs},
+             "teacher_batch_stats": {**stats["teacher_batch_stats"], "dino": teacher_bs}}
+  return loss, parts, teacher_mean, stats
+
+
 def _loss_fn(task: TrainTask, mesh: Mesh | None):
   """loss_fn(params, state, batch, rng) -> (loss, (metrics, teacher_mean, updated statistics))."""
   def loss_fn(params, state: State, batch: Batch, rng: jax.Array):
@@ -118,15 +156,9 @@ def _loss_fn(task: TrainTask, mesh: Mesh | None):
       loss, parts = _contrastive(task, mesh, params["clip"], batch, clip_rng)
       total, metrics = total + loss, {**metrics, **parts}
     if task.dino_model is not None:
-      has_bn = task.dino_model.config.has_batch_norm
-      loss, parts, teacher_mean, (student_bs, teacher_bs) = _dino(
-          task, params["dino"], state["teacher"]["dino"], state["centre"], batch, dino_rng,
-          state["step"], stats["batch_stats"].get("dino") if has_bn else None,
-          stats["teacher_batch_stats"].get("dino") if has_bn else None)
+      loss, parts, teacher_mean, stats = _dino_part(task, params["dino"], state, stats, batch,
+                                                    dino_rng)
       total, metrics = total + loss, {**metrics, **parts}
-      if has_bn:
-        stats = {"batch_stats": {**stats["batch_stats"], "dino": student_bs},
-                 "teacher_batch_stats": {**stats["teacher_batch_stats"], "dino": teacher_bs}}
     return total, (metrics, teacher_mean, stats)
   return loss_fn
 
@@ -141,18 +173,28 @@ def _micro_batches(batch: Batch, k: int, mesh: Mesh | None) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def _grads_and_metrics(task: TrainTask, mesh: Mesh | None, state: State, batch: Batch,
-                       rng: jax.Array):
-  """(loss, metrics, teacher_mean, grads, updated BatchNorm statistics), means over micro-batches.
+def _whole_batch(micro: jax.Array, mesh: Mesh | None) -> jax.Array:
+  """[k, B/k, ...] -> [B, ...], the inverse of `_micro_batches`: rows back in batch order."""
+  x = jnp.swapaxes(micro, 0, 1).reshape((-1,) + micro.shape[2:])
+  if mesh is not None:
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
+  return x
+
+
+def _micro_rngs(rng: jax.Array, index: jax.Array) -> jax.Array:
+  """(clip, dino) keys of micro-batch `index`: both passes of the exact accumulation draw these."""
+  return jax.random.split(jax.random.fold_in(rng, index))
+
+
+def _mean_over_micro_batches(task: TrainTask, mesh: Mesh | None, state: State, batch: Batch,
+                             rng: jax.Array):
+  """Accumulation for DINO alone: means of losses and gradients over the micro-batches.
 
   BatchNorm running statistics are not averaged: each micro-batch updates them in turn, as
   consecutive forward passes would.
   """
   grad_fn = jax.value_and_grad(_loss_fn(task, mesh), has_aux=True)
   k = task.accumulate_steps
-  if k <= 1:
-    (loss, (metrics, teacher_mean, stats)), grads = grad_fn(state["params"], state, batch, rng)
-    return loss, metrics, teacher_mean, grads, stats
 
   def body(carry, micro):
     summed, stats = carry
@@ -172,6 +214,80 @@ def _grads_and_metrics(task: TrainTask, mesh: Mesh | None, state: State, batch: 
                                    (jnp.arange(k), _micro_batches(batch, k, mesh)))
   loss, metrics, teacher_mean, grads = jax.tree.map(lambda x: x / k, total)
   return loss, metrics, teacher_mean, grads, stats
+
+
+def _exact_contrastive_accumulation(task: TrainTask, mesh: Mesh | None, state: State,
+                                    batch: Batch, rng: jax.Array):
+  """Accumulation with the whole batch's contrastive loss (GradCache); DINO, when the task has
+  it, as `_mean_over_micro_batches` does. Same returns as `_grads_and_metrics`."""
+  k = task.accumulate_steps
+  params = state["params"]
+  micro = _micro_batches(batch, k, mesh)
+  indices = jnp.arange(k)
+
+  # Pass 1: every micro-batch's embeddings. Nothing is differentiated, so no activations are kept.
+  def embed(carry, xs):
+    index, micro_batch = xs
+    return carry, _clip_embeddings(task, params["clip"], micro_batch, _micro_rngs(rng, index)[0])
+
+  _, (images, texts) = jax.lax.scan(embed, None, (indices, micro))
+  images, texts = _whole_batch(images, mesh), _whole_batch(texts, mesh)
+
+  # The whole batch's loss; its gradient w.r.t. the embeddings, and w.r.t. the logit parameters
+  # (which enter the loss directly and not through the towers).
+  def whole_batch_loss(images, texts, clip_params):
+    scale, bias = _logit_parameters(task, clip_params)
+    return _contrastive_loss(task, mesh, images, texts, scale, bias), scale
+
+  (contrastive_loss, scale), (d_images, d_texts, logit_grads) = jax.value_and_grad(
+      whole_batch_loss, argnums=(0, 1, 2), has_aux=True)(images, texts, params["clip"])
+  d_images = _micro_batches({"x": d_images}, k, mesh)["x"]
+  d_texts = _micro_batches({"x": d_texts}, k, mesh)["x"]
+
+  # Pass 2: each micro-batch again, back-propagating its slice of the embedding gradient: the
+  # gradient of <d_images, images(p)> + <d_texts, texts(p)> is exactly that vector-Jacobian
+  # product. DINO's part adds the gradient of its micro-batch mean loss / k.
+  def surrogate(p, stats, micro_batch, index, d_image, d_text):
+    clip_rng, dino_rng = _micro_rngs(rng, index)
+    image, text = _clip_embeddings(task, p["clip"], micro_batch, clip_rng)
+    total = jnp.sum(image * d_image) + jnp.sum(text * d_text)
+    if task.dino_model is None:
+      return total, ({}, jnp.zeros_like(state["centre"]), stats, jnp.zeros([], jnp.float32))
+    loss, parts, teacher_mean, stats = _dino_part(task, p["dino"], state, stats, micro_batch,
+                                                  dino_rng)
+    return total + loss / k, (parts, teacher_mean, stats, loss)
+
+  grad_fn = jax.grad(surrogate, has_aux=True)
+
+  def body(carry, xs):
+    summed, stats = carry
+    grads, (parts, teacher_mean, stats, dino_loss) = grad_fn(params, stats, *xs)
+    summed = jax.tree.map(jnp.add, summed, (grads, parts, teacher_mean, dino_loss))
+    return (summed, stats), None
+
+  shapes = jax.eval_shape(grad_fn, params, _stats(state),
+                          *jax.tree.map(lambda x: x[0], (micro, indices, d_images, d_texts)))
+  grads0, (parts0, mean0, _, loss0) = shapes
+  init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads0, parts0, mean0, loss0))
+  (summed, stats), _ = jax.lax.scan(body, (init, _stats(state)),
+                                    (micro, indices, d_images, d_texts))
+  grads, dino_parts, teacher_mean, dino_loss = summed
+  grads = dict(grads, clip=jax.tree.map(jnp.add, grads["clip"], logit_grads))
+  metrics = {"contrastive_loss": contrastive_loss, "logit_scale": scale,
+             **jax.tree.map(lambda x: x / k, dino_parts)}
+  return contrastive_loss + dino_loss / k, metrics, teacher_mean / k, grads, stats
+
+
+def _grads_and_metrics(task: TrainTask, mesh: Mesh | None, state: State, batch: Batch,
+                       rng: jax.Array):
+  """(loss, metrics, teacher_mean, grads, updated BatchNorm statistics) of the global batch."""
+  if task.accumulate_steps <= 1:
+    grad_fn = jax.value_and_grad(_loss_fn(task, mesh), has_aux=True)
+    (loss, (metrics, teacher_mean, stats)), grads = grad_fn(state["params"], state, batch, rng)
+    return loss, metrics, teacher_mean, grads, stats
+  if task.clip_model is not None:
+    return _exact_contrastive_accumulation(task, mesh, state, batch, rng)
+  return _mean_over_micro_batches(task, mesh, state, batch, rng)
 
 
 # ----------------------------------------------------------------------------------------------
