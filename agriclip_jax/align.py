@@ -32,7 +32,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ import numpy as np
 from agriclip_jax.fileio import atomic_file
 
 REFERENCE_TARGET_VARIANCE = 4.5
-DEFAULT_RIDGE_GRID = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+# Ridge strengths (relative to the mean feature variance) that ridge="auto" sweeps: none, and
+# half-decades from 1e-6 to 10.
+DEFAULT_RIDGE_GRID = (0.0,) + tuple(float(f"{10.0 ** (k / 2):.3g}") for k in range(-12, 3))
 ALIGNER_SUFFIXES = (".pth", ".pt", ".safetensors", ".npz")
 
 
@@ -100,6 +102,50 @@ def save_aligner(aligner: LinearAligner, path: str | os.PathLike,
         np.savez(f, W=weight, b=bias)
 
   return atomic_file(path, write)
+
+
+def read_aligner_metadata(path: str | os.PathLike) -> dict[str, Any]:
+  """What a .safetensors aligner records (method, metrics and, when fitted from models, the DINO
+  pooling and the fingerprints of the DINO and CLIP models); {} for .pth / .npz, which hold none."""
+  path = Path(path)
+  if path.suffix.lower() != ".safetensors":
+    return {}
+  from safetensors import safe_open
+  with safe_open(str(path), framework="np") as handle:
+    raw = handle.metadata() or {}
+  try:
+    return {key: json.loads(value) for key, value in raw.items()}
+  except json.JSONDecodeError as e:
+    raise ValueError(f"aligner file {path}: metadata is not JSON ({e})") from None
+
+
+def resolve_pooling(recorded: Mapping[str, Any], flag: str | None, aligner: str | os.PathLike
+                    ) -> str | None:
+  """The DINO pooling zero-shot must use: the one the aligner records; a flag that disagrees is an
+  error naming both. An aligner that records none (.pth, .npz, features fitted from arrays)
+  leaves it to the flag (None: the DINO model's own)."""
+  fitted = recorded.get("dino_pooling")
+  if fitted is not None and flag is not None and flag != fitted:
+    raise ValueError(f"aligner {aligner} was fitted on DINO pooling {fitted!r}, but --dino-pooling "
+                     f"is {flag!r}; drop the flag (the aligner's pooling is used) or refit")
+  return fitted if fitted is not None else flag
+
+
+def check_provenance(recorded: Mapping[str, Any], aligner: str | os.PathLike,
+                     models: Mapping[str, tuple[str, str | None]]) -> None:
+  """Errors when a model differs from the one the aligner was fitted with.
+
+  `models`: {"dino": (path, fingerprint), "clip": (...)} of the models zero-shot uses, compared
+  with the aligner's `dino_fingerprint` / `clip_fingerprint` (model_io.content_fingerprint).
+  Widths alone cannot tell two DINO models or two poolings of the same width apart; these can.
+  """
+  for role, (path, fingerprint) in models.items():
+    fitted = recorded.get(f"{role}_fingerprint")
+    if fitted is not None and fingerprint is not None and fitted != fingerprint:
+      raise ValueError(f"aligner {aligner} was fitted on the {role.upper()} model "
+                       f"{recorded.get(f'{role}_model', '?')} (fingerprint {fitted}), but the "
+                       f"{role.upper()} model given is {path} (fingerprint {fingerprint}); "
+                       f"use the same model or refit the aligner")
 
 
 def load_aligner(path: str | os.PathLike) -> LinearAligner:
@@ -423,9 +469,11 @@ def fit_exact(chunks: Iterable[tuple[np.ndarray, np.ndarray]], ridge: float | st
   """Exact least squares with bias from one streaming pass.
 
   ridge: a strength relative to the mean feature variance (lam = ridge * trace(Sxx) / d; the bias is
-  not penalised), or "auto" to pick the grid value with the best held-out R^2 (needs holdout > 0).
-  The returned aligner is always fitted on the fitting split only, so held-out metrics stay honest
-  (with "auto" they are the ones the choice was made on). on_device: see `accumulate`.
+  not penalised), or "auto": the grid value whose aligner, fitted on the fitting split, has the best
+  held-out R^2 (needs holdout > 0), after which the returned aligner is refitted on all rows with
+  that strength. Metrics "fit" / "heldout" are always those of the fitting-split aligner, so the
+  held-out numbers stay honest; with "auto", "all" adds the refitted aligner's on all rows.
+  on_device: see `accumulate`.
   """
   fit, held = accumulate(chunks, holdout, seed, on_device)
   solver = _NormalSolver(fit)
@@ -441,7 +489,32 @@ def fit_exact(chunks: Iterable[tuple[np.ndarray, np.ndarray]], ridge: float | st
   metrics = {"fit": fit.metrics(aligner)}
   if held is not None:
     metrics["heldout"] = held.metrics(aligner)
-  return AlignResult(aligner, "exact", metrics, float(ridge), scores)
+  info = {}
+  if scores is not None:
+    everything = pooled_moments(fit, held)
+    aligner = _NormalSolver(everything).solve(float(ridge))
+    metrics["all"] = everything.metrics(aligner)
+    info["refit"] = "on all rows with the ridge chosen on the held-out split"
+  return AlignResult(aligner, "exact", metrics, float(ridge), scores, info)
+
+
+def pooled_moments(a: Moments, b: Moments) -> Moments:
+  """The moments of the rows of `a` and `b` together (the parallel-variance formula:
+  S = S_a + S_b + n_a n_b / n (m_a - m_b)(m_a - m_b)^T), on the host."""
+  mean_xa, mean_ya, sxx_a, sxy_a, syy_a = a.centred()
+  mean_xb, mean_yb, sxx_b, sxy_b, syy_b = b.centred()
+  n_a, n_b = a.count, b.count
+  weight = n_a * n_b / (n_a + n_b)
+  dx, dy = mean_xa - mean_xb, mean_ya - mean_yb
+  pooled = Moments(a.in_dim, a.out_dim)
+  pooled.count = n_a + n_b
+  # Sums taken about the pooled means, so the sums of the shifted rows are zero.
+  pooled.shift_x = (n_a * mean_xa + n_b * mean_xb) / pooled.count
+  pooled.shift_y = (n_a * mean_ya + n_b * mean_yb) / pooled.count
+  pooled.xtx = sxx_a + sxx_b + weight * np.outer(dx, dx)
+  pooled.xty = sxy_a + sxy_b + weight * np.outer(dx, dy)
+  pooled.yty_trace = syy_a + syy_b + weight * float(dy @ dy)
+  return pooled
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,18 +43,6 @@ def fingerprint(*parts: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def fingerprint_arrays(tree: Any) -> str:
-  """Hash of every array's name, dtype, shape and bytes (for params held in memory)."""
-  import jax
-  digest = hashlib.sha256()
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  for path, leaf in leaves:
-    array = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
-    digest.update(array.tobytes())
-  return digest.hexdigest()[:20]
-
-
 def fingerprint_path(path: str | os.PathLike) -> str:
   """A file or directory by the names, sizes and modification times of its files (no reading):
   cheap for big weight files and image folders, and it changes whenever one of them is rewritten."""
@@ -213,15 +201,17 @@ class ImageEncoder:
   params: Any = None  # passed to apply as its first argument when given
   exif_transpose: bool = True  # decode photos upright by their EXIF tag before `view`
   pooling: str | None = None  # a DINO backbone's feature pooling (what an aligner must be fitted on)
+  model_id: str | None = None  # model_io.content_fingerprint: what aligners record and check
 
 
 def spec_encoder(name: str, model_print: str, spec, apply: Callable[..., Any],
-                 params: Any = None, pooling: str | None = None) -> ImageEncoder:
+                 params: Any = None, pooling: str | None = None,
+                 model_id: str | None = None) -> ImageEncoder:
   """An encoder whose view is the model's own preprocess spec (`model_io.read_preprocess`)."""
   from input_pipeline import transforms
   return ImageEncoder(name, model_print, lambda image: transforms.eval_view(image, spec),
                       json.dumps(spec.to_dict(), sort_keys=True), apply, params,
-                      spec.exif_transpose, pooling)
+                      spec.exif_transpose, pooling, model_id)
 
 
 def _decode_record(record: dict[str, Any], exif_transposes: Sequence[bool]
@@ -353,8 +343,10 @@ def clip_model_encoders(model_dir: str | os.PathLike, batch_size: int = 256, mes
     return encode_texts(texts, lambda t: tok.encode(t, context_length=context_length), apply_text,
                         batch_size, mesh, params=variables)
 
-  image = spec_encoder("clip_image", fingerprint_path(model_dir), model_io.read_preprocess(model_dir),
-                       image_features_fn(model_type, config), variables)
+  spec = model_io.read_preprocess(model_dir)
+  image = spec_encoder("clip_image", fingerprint_path(model_dir), spec,
+                       image_features_fn(model_type, config), variables,
+                       model_id=model_io.content_fingerprint(model_type, config, spec, variables))
   log_scale = variables["params"].get("logit_scale") if "params" in variables else None
   scale = float(np.exp(np.asarray(log_scale))) if log_scale is not None else 100.0
   return ClipEncoders(image, encode_text, min(scale, 100.0))
@@ -454,8 +446,10 @@ def dino_model_encoder(path: str | os.PathLike, pooling: str | None = None) -> I
   apply = image_features_fn(backbone.model_type, backbone.config, pooling, str(path))
   identity = fingerprint_path(path)
   # "cls" keeps the identity (and cache keys) it always had
+  model_id = model_io.content_fingerprint(backbone.model_type, backbone.config, backbone.preprocess,
+                                          backbone.variables)
   return spec_encoder("dino", identity if pooling == "cls" else fingerprint(identity, pooling),
-                      backbone.preprocess, apply, backbone.variables, pooling)
+                      backbone.preprocess, apply, backbone.variables, pooling, model_id)
 
 
 def load_aligner_any(path: str | os.PathLike):

@@ -272,36 +272,23 @@ def read_preprocess(path: str | Path, meta: Mapping[str, Any] | None = None) -> 
   return spec
 
 
-def _file_digest(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as handle:
-    for block in iter(lambda: handle.read(1 << 22), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def model_fingerprint(path: str | Path) -> str:
-  """Identity of a model for provenance checks: sha256 over the model type, config and eval view
-  (as canonical JSON, so a directory with a defaulted view equals one that records the same view)
-  and the bytes of the weights file (model.safetensors, or the file itself for a .pth/.safetensors
-  file). Hashing reads the weights once: ~0.3 s for ViT-B/16 weights."""
-  path = Path(path)
-  if path.is_dir():
-    meta = read_config(path)
-    identity = {"model_type": meta["model_type"], "config": meta["config"]}
-    if meta["model_type"] in IMAGE_MODEL_TYPES:
-      spec = (PreprocessSpec.from_dict(meta[PREPROCESS_KEY], str(path / CONFIG_FILE))
-              if PREPROCESS_KEY in meta else default_preprocess(meta["model_type"], meta["config"]))
-      identity["preprocess"] = spec.to_dict()
-    weights = path / WEIGHTS_FILE
-  elif path.is_file():
-    identity, weights = {"file": path.suffix.lower()}, path
-  else:
-    raise FileNotFoundError(f"cannot fingerprint model {path}: no such file or directory")
-  if not weights.is_file():
-    raise FileNotFoundError(f"{path}: {WEIGHTS_FILE} not found")
-  text = json.dumps(identity, sort_keys=True)
-  return hashlib.sha256(f"{text}\0{_file_digest(weights)}".encode()).hexdigest()[:20]
+def content_fingerprint(model_type: str, config: Mapping[str, Any], preprocess: PreprocessSpec | None,
+                        variables: Mapping[str, Any]) -> str:
+  """Identity of a loaded model for provenance checks (an aligner names the DINO and CLIP models it
+  was fitted with): sha256 over the model type, its config and eval view as canonical JSON, and
+  every variable's name, dtype, shape and bytes. It depends on what the model computes, not on
+  files: a DINO .pth and the model directory converted from it have the same fingerprint. The
+  view's name and pooling are left out (the pooling is recorded and checked on its own)."""
+  view = None
+  if preprocess is not None:
+    view = {k: v for k, v in preprocess.to_dict().items() if k not in ("name", "pooling")}
+  digest = hashlib.sha256(json.dumps({"model_type": model_type, "config": config, "view": view},
+                                     sort_keys=True, default=str).encode())
+  for name, value in sorted(flatten(variables).items()):
+    array = np.ascontiguousarray(np.asarray(value))
+    digest.update(f"\0{name}|{array.dtype}|{array.shape}\0".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()[:20]
 
 
 def has_tokenizer(path: str | Path) -> bool:

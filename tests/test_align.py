@@ -100,6 +100,45 @@ def test_ridge_matches_closed_form_and_auto_picks_the_best_heldout_value():
   assert auto.ridge_scores is not None
   assert auto.metrics["heldout"]["r2"] == pytest.approx(max(auto.ridge_scores.values()), abs=1e-9)
   assert auto.ridge > 0  # on this under-determined-ish problem some shrinkage beats plain OLS
+  # The returned aligner is the refit on all rows with the chosen strength: numpy's on all rows.
+  xc = x.astype(np.float64) - x.mean(0)
+  yc = y.astype(np.float64) - y.mean(0)
+  lam = auto.ridge * np.trace(xc.T @ xc) / x.shape[1]
+  want_w = np.linalg.solve(xc.T @ xc + lam * np.eye(x.shape[1]), xc.T @ yc).T
+  assert _relative_error(auto.aligner.weight, want_w) < 1e-5
+  want_b = y.mean(0) - x.mean(0) @ want_w.T
+  np.testing.assert_allclose(auto.aligner.bias, want_b, rtol=1e-4, atol=1e-5)
+  assert auto.metrics["all"]["rows"] == len(x)
+
+
+def test_pooled_moments_equal_the_moments_of_all_rows():
+  x, y = _paired_features(rows=300, in_dim=6, out_dim=3)
+  whole, _ = align.accumulate(align.iterate_chunks(x, y, chunk_rows=300), holdout=0.0)
+  part_a, part_b = align.accumulate(align.iterate_chunks(x, y, chunk_rows=64), holdout=0.4, seed=3)
+  pooled = align.pooled_moments(part_a, part_b)
+  assert pooled.count == whole.count == 300
+  for got, want in zip(pooled.centred(), whole.centred()):
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_pooling_and_models_the_aligner_records_are_checked():
+  recorded = {"dino_pooling": "cls+avgpool", "dino_model": "dino_a", "dino_fingerprint": "aaa",
+              "clip_model": "clip_a", "clip_fingerprint": "ccc"}
+  assert align.resolve_pooling(recorded, None, "al.safetensors") == "cls+avgpool"
+  assert align.resolve_pooling(recorded, "cls+avgpool", "al.safetensors") == "cls+avgpool"
+  assert align.resolve_pooling({}, "last2", "al.pth") == "last2"  # no record: the flag decides
+  assert align.resolve_pooling({}, None, "al.pth") is None
+  # Same width as cls+avgpool on a 2-block ViT, different features: still an error.
+  with pytest.raises(ValueError, match=r"al.safetensors was fitted on DINO pooling 'cls\+avgpool', "
+                                       r"but --dino-pooling is 'last2'"):
+    align.resolve_pooling(recorded, "last2", "al.safetensors")
+  align.check_provenance(recorded, "al.safetensors", {"dino": ("d", "aaa"), "clip": ("c", "ccc")})
+  align.check_provenance({}, "al.pth", {"dino": ("d", "zzz"), "clip": ("c", "yyy")})
+  with pytest.raises(ValueError, match=r"fitted on the DINO model dino_a \(fingerprint aaa\), but "
+                                       r"the DINO model given is dino_b \(fingerprint bbb\)"):
+    align.check_provenance(recorded, "al.safetensors", {"dino": ("dino_b", "bbb"), "clip": ("c", "ccc")})
+  with pytest.raises(ValueError, match=r"CLIP model clip_a \(fingerprint ccc\).*clip_b"):
+    align.check_provenance(recorded, "al.safetensors", {"dino": ("d", "aaa"), "clip": ("clip_b", "ddd")})
 
 
 def test_exact_heldout_r2_at_least_the_sgd_recipe():
@@ -199,8 +238,10 @@ def test_align_command_on_feature_files(tmp_path, capsys):
   assert cli.main(["align", "--dino-features", str(tmp_path / "x.npy"), "--clip-features",
                    str(tmp_path / "y.npy"), "--out", str(out), "--chunk-rows", "64"]) == 0
   assert "heldout" in capsys.readouterr().out
-  direct = align.fit_exact(align.iterate_chunks(x, y), holdout=0.1)
+  # The default: ridge chosen on the held-out split, then refitted on all rows.
+  direct = align.fit_exact(align.iterate_chunks(x, y), ridge="auto", holdout=0.1)
   np.testing.assert_allclose(align.load_aligner(out).weight, direct.aligner.weight, rtol=1e-5, atol=1e-6)
+  assert align.read_aligner_metadata(out)["ridge"] == direct.ridge
   assert cli.main(["align", "--dino-features", str(tmp_path / "x.npy"), "--clip-features",
                    str(tmp_path / "y_short.npy"), "--out", str(out)]) == 2
   assert re.search(r"agriclip align: error: row counts differ: --dino-features .*x\.npy has 400 rows",

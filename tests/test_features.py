@@ -1,5 +1,6 @@
 """Feature extraction: sharded batches equal the dense computation; decode-once, skip+count, cache."""
 
+import dataclasses
 import shutil
 
 import jax
@@ -27,7 +28,21 @@ def test_fingerprint_path_changes_with_content(tmp_path):
   assert features.fingerprint_path(tmp_path) == before
   (tmp_path / "a.txt").write_text("three")
   assert features.fingerprint_path(tmp_path) != before
-  assert features.fingerprint_arrays({"w": np.ones(3)}) != features.fingerprint_arrays({"w": np.zeros(3)})
+
+
+def test_content_fingerprint_follows_weights_config_and_view_not_names():
+  from agriclip_jax import model_io
+  from input_pipeline import transforms
+  spec = transforms.preset("agriclip-reference", 32, pooling="cls")
+  base = model_io.content_fingerprint("vit", {"width": 4}, spec, {"params": {"w": np.ones(3)}})
+  same = model_io.content_fingerprint("vit", {"width": 4}, dataclasses.replace(
+      spec, name="renamed", pooling="last4"), {"params": {"w": np.ones(3)}})
+  assert same == base  # the view's name and the pooling (checked on its own) are not identity
+  for other in (model_io.content_fingerprint("vit", {"width": 4}, spec, {"params": {"w": np.zeros(3)}}),
+                model_io.content_fingerprint("vit", {"width": 5}, spec, {"params": {"w": np.ones(3)}}),
+                model_io.content_fingerprint("vit", {"width": 4}, transforms.preset("dino-eval", 32),
+                                             {"params": {"w": np.ones(3)}})):
+    assert other != base
 
 
 def _small_folder(corn_dir, tmp_path, per_class=3):

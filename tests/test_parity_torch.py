@@ -163,6 +163,12 @@ def test_timm_vit_small_embeds_as_in_pytorch_in_both_dino_views(timm_vit, photos
   assert relative_difference(embed_features(dino_dir, tmp_path, photos), want_dino_eval,
                              "timm vit_small_patch16_224, dino-eval view") < TOLERANCE
 
+  # An aligner records its DINO model by content: the .pth and its port are the same model, the
+  # port with another view is not.
+  from agriclip_jax import features
+  ids = [features.dino_model_encoder(path).model_id for path in (weights, default_dir, dino_dir)]
+  assert ids[0] == ids[1] != ids[2]
+
 
 # ------------------------------------------------------------------------------------------------
 # CLIP: open_clip ViT-B-16 (exact GELU) and ViT-B-16-quickgelu (OpenAI's), HF CLIPModel

@@ -193,7 +193,10 @@ def _tiny_models(tmp_path):
 def test_commands_align_zeroshot_report_on_real_photos(corn_dir, tmp_path, capsys):
   import json
   import shutil
-  from agriclip_jax import cli
+
+  import jax
+
+  from agriclip_jax import cli, model_io
   data = tmp_path / "field"
   for class_dir in sorted((corn_dir / "field").iterdir()):
     (data / class_dir.name).mkdir(parents=True)
@@ -226,8 +229,9 @@ def test_commands_align_zeroshot_report_on_real_photos(corn_dir, tmp_path, capsy
   assert "Image-text retrieval" in (tmp_path / "report" / "report.md").read_text()
   assert len(list((tmp_path / "report" / "confusion").glob("*.png"))) == 3
 
-  # DINO's linear-evaluation pooling: the aligner reads [cls, mean patch] (2 x 64) and records it;
-  # zero-shot with other DINO features is a clear error, with the same ones it runs.
+  # DINO's linear-evaluation pooling: the aligner reads [cls, mean patch] (2 x 64) and records it
+  # with the models' fingerprints; zero-shot takes the pooling from the file, and other DINO
+  # features (even of the same width: last2) or another DINO model are clear errors.
   pooled = tmp_path / "aligner_pooled.safetensors"
   assert cli.main(["align", "--dino", str(dino_dir), "--model", str(clip_dir), "--data", str(data),
                    "--dino-pooling", "cls+avgpool", "--batch-size", "8", "--out", str(pooled)]) == 0
@@ -235,16 +239,33 @@ def test_commands_align_zeroshot_report_on_real_photos(corn_dir, tmp_path, capsy
   from safetensors import safe_open
   with safe_open(str(pooled), "np") as handle:
     assert json.loads(handle.metadata()["dino_pooling"]) == "cls+avgpool"
+    assert len(json.loads(handle.metadata()["dino_fingerprint"])) == 20
   zeroshot_args = ["zeroshot", "--model", str(clip_dir), "--dino", str(dino_dir), "--aligner",
                    str(pooled), "--data", str(data), "--template", "a photo of a corn leaf with {}",
                    "--method", "agriclip", "--batch-size", "8", "--out", str(results)]
   capsys.readouterr()
-  assert cli.main(zeroshot_args) == 2
-  assert "--dino-pooling" in capsys.readouterr().err
-  assert cli.main(zeroshot_args + ["--dino-pooling", "last3"]) == 2  # the tiny ViT has 2 blocks
-  assert f"{dino_dir}: DINO pooling 'last3'" in capsys.readouterr().err
+  for pooling in ("last2", "cls"):  # last2 has cls+avgpool's width (2 x 64) on this 2-block ViT
+    assert cli.main(zeroshot_args + ["--dino-pooling", pooling]) == 2
+    assert (f"{pooled} was fitted on DINO pooling 'cls+avgpool', but --dino-pooling is '{pooling}'"
+            in capsys.readouterr().err)
   assert cli.main(zeroshot_args + ["--dino-pooling", "cls+avgpool"]) == 0
+  assert cli.main(zeroshot_args) == 0  # the pooling comes from the aligner file
   assert json.loads(results.read_text())["results"][0]["num_images"] == 18
+  other_dino = tmp_path / "other_dino"
+  shutil.copytree(dino_dir, other_dino)
+  _, config, variables = model_io.load_model_dir(dino_dir)
+  variables = jax.tree_util.tree_map(lambda a: np.asarray(a) * 1.01, variables)
+  model_io.save_model_dir(other_dino, "vit", config, variables, keep_others=True)
+  other_args = [str(other_dino) if a == str(dino_dir) else a for a in zeroshot_args]
+  assert cli.main(other_args) == 2
+  assert f"the DINO model given is {other_dino} (fingerprint" in capsys.readouterr().err
+  # The reference .pth format records nothing: the flag decides, and widths are all that is checked.
+  reference = tmp_path / "aligner_pooled.pth"
+  align.save_aligner(align.load_aligner(pooled), reference)
+  pth_args = [str(reference) if a == str(pooled) else a for a in zeroshot_args]
+  assert cli.main(pth_args) == 2  # default pooling 'cls': 64-d, the aligner reads 128
+  assert "--dino-pooling" in capsys.readouterr().err
+  assert cli.main(pth_args + ["--dino-pooling", "cls+avgpool"]) == 0
 
 
 def test_zeroshot_command_errors(tmp_path, capsys):

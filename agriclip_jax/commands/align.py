@@ -51,9 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", type=Path, required=True, help=".pth | .safetensors | .npz")
   parser.add_argument("--method", choices=("exact", "sgd"), default="exact",
                       help="exact least squares (default) or the reference SGD recipe")
-  parser.add_argument("--ridge", type=_ridge, default=0.0,
-                      help="exact only: 'auto' (chosen on the held-out split) or a strength "
-                           "relative to the mean feature variance (default 0)")
+  parser.add_argument("--ridge", type=_ridge, default="auto",
+                      help="exact only: 'auto' (default: the strength of a log-spaced sweep with "
+                           "the best held-out R^2, then refitted on all rows) or a strength "
+                           "relative to the mean feature variance, fitted on the fitting split")
   parser.add_argument("--holdout", type=float, default=0.1, help="held-out fraction for metrics")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--chunk-rows", type=int, default=8192, help="exact only: rows per chunk")
@@ -75,8 +76,8 @@ def _load_npy(path: Path, flag: str) -> np.ndarray:
   return array
 
 
-def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
-  """(DINO features, CLIP image features, the DINO pooling they were taken with)."""
+def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
+  """(DINO features, CLIP image features, what the aligner file records about the models)."""
   from agriclip_jax import features, zeroshot
   from input_pipeline.sources import open_source
   source = open_source(args.data)
@@ -92,7 +93,12 @@ def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndar
   data_print = features.data_fingerprint(args.data, len(source))
   encoded = features.encode_source(source, indices, [dino, clip.image], args.batch_size,
                                    cache=cache, data_fingerprint=data_print, desc="align features")
-  return encoded.features["dino"], encoded.features["clip_image"], dino.pooling
+  provenance = {"dino_pooling": dino.pooling, "dino_model": str(args.dino),
+                "dino_fingerprint": dino.model_id, "clip_model": str(args.model),
+                "clip_fingerprint": clip.image.model_id,
+                "fingerprint": "model_io.content_fingerprint: sha256 of model type, config, eval "
+                               "view and weights"}
+  return encoded.features["dino"], encoded.features["clip_image"], provenance
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,14 +119,14 @@ def run(args: argparse.Namespace) -> int:
   else:
     if None in (args.dino, args.model, args.data):
       raise SystemExit("agriclip align: --dino, --model and --data go together")
-    x, y, pooling = _features_from_models(args)
+    x, y, provenance = _features_from_models(args)
 
   start = time.perf_counter()
   if args.method == "exact":
     result = align.fit_exact(align.iterate_chunks(x, y, args.chunk_rows), args.ridge, args.holdout,
                              args.seed)
   else:
-    if args.ridge != 0.0:
+    if args.ridge not in (0.0, "auto"):
       print("[align] note: --ridge applies to the exact method only; ignored for sgd")
     result = align.fit_sgd(x, y, args.holdout, args.seed, epochs=args.epochs,
                            reproduce_bias_defect=args.reproduce_bias_defect)
@@ -128,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
 
   summary = {**result.summary(), "rows": int(x.shape[0]), "seconds": seconds,
              "holdout_fraction": args.holdout, "seed": args.seed}
-  metadata = {"method": result.method, "metrics": result.metrics}
+  metadata = {"method": result.method, "metrics": result.metrics, "ridge": result.ridge}
   if not have_arrays:
-    metadata["dino_pooling"] = pooling  # the features zero-shot must give it
+    metadata.update(provenance)  # zero-shot checks its models and pooling against these
   align.save_aligner(result.aligner, args.out, metadata=metadata)
   metrics_path = args.metrics_out or args.out.with_name(args.out.name + ".metrics.json")
   metrics_path.write_text(json.dumps(summary, indent=2) + "\n")

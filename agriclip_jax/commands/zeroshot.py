@@ -168,8 +168,13 @@ def load_models(args: argparse.Namespace, methods: Sequence[str]) -> Models:
   if any(m in ("agriclip", "ensemble") for m in methods):
     if args.dino is None or args.aligner is None:
       raise SystemExit(f"agriclip zeroshot: method(s) {list(methods)} need --dino and --aligner")
-    models.dino = features.dino_model_encoder(args.dino, pooling=args.dino_pooling)
+    from agriclip_jax import align
     models.aligner = features.load_aligner_any(args.aligner)
+    recorded = align.read_aligner_metadata(args.aligner) if Path(args.aligner).is_file() else {}
+    pooling = align.resolve_pooling(recorded, args.dino_pooling, args.aligner)
+    models.dino = features.dino_model_encoder(args.dino, pooling=pooling)
+    align.check_provenance(recorded, args.aligner, {"dino": (str(args.dino), models.dino.model_id),
+                                                    "clip": (str(args.model), clip.image.model_id)})
   return models
 
 
@@ -179,7 +184,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--aligner", type=Path, help="aligner: .pth | .safetensors | .npz | model dir")
   parser.add_argument("--dino-pooling", default=None,
                       help="DINO ViT features the aligner was fitted on: 'cls', 'cls+avgpool' or "
-                           "'lastN' (default: the one the DINO model records)")
+                           "'lastN'. A .safetensors aligner from `agriclip align` records its own "
+                           "(a flag that disagrees is an error); for a .pth / .npz aligner the flag "
+                           "decides (default: the one the DINO model records)")
   parser.add_argument("--data", help="ImageFolder (or any source with labels); tfds:NAME[:SPLIT]")
   parser.add_argument("--task", help="a registered task (its templates and class names)")
   parser.add_argument("--template", action="append",
