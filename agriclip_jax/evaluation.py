@@ -103,6 +103,18 @@ def _knn_chunk_function(train_rows: int, train_chunk: int, k_max: int, ks: Seque
   return run
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_knn(train_rows: int, train_chunk: int, k_max: int, ks: tuple[int, ...],
+                  num_classes: int, temperature: float, mesh):
+  """The jitted chunk function, kept: a second evaluation with the same sizes compiles nothing."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(_knn_chunk_function(train_rows, train_chunk, k_max, ks, num_classes, temperature),
+                 in_shardings=(NamedSharding(mesh, PartitionSpec("data")), replicated, replicated),
+                 out_shardings=NamedSharding(mesh, PartitionSpec(None, "data")))
+
+
 def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                 num_classes: int, ks: Sequence[int] = DINO_KS,
                 temperature: float = DINO_TEMPERATURE, train_chunk: int = 4096,
@@ -142,10 +154,8 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_featu
 
   replicated = NamedSharding(mesh, PartitionSpec())
   split = NamedSharding(mesh, PartitionSpec("data"))
-  run = jax.jit(_knn_chunk_function(train.shape[0], train_chunk, max(ks), ks, num_classes,
-                                    float(temperature)),
-                in_shardings=(split, replicated, replicated),
-                out_shardings=NamedSharding(mesh, PartitionSpec(None, "data")))
+  run = _compiled_knn(train.shape[0], train_chunk, max(ks), ks, num_classes, float(temperature),
+                      mesh)
   train_on_devices = jax.device_put(padded.reshape(chunks, train_chunk, -1), replicated)
   labels_on_devices = jax.device_put(padded_labels, replicated)
   ranked = []
