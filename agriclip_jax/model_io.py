@@ -20,6 +20,7 @@ from flax import traverse_util
 
 # atomic_directory/atomic_file live in fileio; re-exported here, where callers first found them.
 from agriclip_jax.fileio import atomic_directory, atomic_file, read_json  # noqa: F401
+from agriclip_jax.models.transformer import match_layer_layout, unstack_layer_params
 from input_pipeline.transforms import PreprocessSpec, preset
 
 CONFIG_FILE = "config.json"
@@ -157,14 +158,17 @@ def _short(items: list[str], limit: int = 8) -> str:
 
 def save_model_dir(path: str | Path, model_type: str, config: Mapping[str, Any],
                    variables: Mapping[str, Any], tokenizer_dir: str | Path | None = None,
-                   extra: Mapping[str, Any] | None = None,
+                   extra: Mapping[str, Any] | None = None, keep_others: bool = False,
                    preprocess: PreprocessSpec | None = None) -> Path:
   """Saves a model directory. `variables` is {"params": ..., optionally "batch_stats": ...}.
+  An existing directory is replaced only as fileio.atomic_directory allows (`keep_others`).
   `preprocess` is the eval view the model expects (default: `default_preprocess` of its type)."""
   from safetensors.numpy import save_file
 
   build_model(model_type, config)  # validates the type and the config before anything is written
-  flat = {k: _host_array(v) for k, v in flatten(variables).items()}
+  # On disk every transformer stack is per layer (`resblocks_N`), whatever layout it trained in
+  # (scan_layers): converters and other readers see one layout.
+  flat = {k: _host_array(v) for k, v in flatten(unstack_layer_params(variables)).items()}
   meta = {"format_version": FORMAT_VERSION, "model_type": model_type, "config": dict(config)}
   if model_type in IMAGE_MODEL_TYPES:
     spec = preprocess if preprocess is not None else default_preprocess(model_type, config)
@@ -187,7 +191,7 @@ def save_model_dir(path: str | Path, model_type: str, config: Mapping[str, Any],
       if not copied:
         raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
 
-  return atomic_directory(Path(path), write)
+  return atomic_directory(Path(path), write, keep_others=keep_others)
 
 
 def _host_array(value: Any) -> np.ndarray:
@@ -223,9 +227,11 @@ def load_model_dir(path: str | Path) -> tuple[str, dict, dict]:
     raise ValueError(f"{weights_path}: cannot read safetensors file ({e}); it may be truncated "
                      f"or corrupted") from e
   expected = abstract_variables(meta["model_type"], meta["config"])
-  check_tree_matches(expected, flat, str(weights_path))
-  variables = unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  check_tree_matches(unstack_layer_params(expected), flat, str(weights_path))
+  # In the layout the config builds: stacked `resblocks` when it scans its layers.
+  variables = match_layer_layout(unflatten({k: jnp.asarray(v) for k, v in flat.items()}), expected)
   return meta["model_type"], meta["config"], variables
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from agriclip_jax.convert import registry
 from input_pipeline.transforms import PRESETS
@@ -21,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dst", required=True, help="destination file or directory")
   parser.add_argument("--dst-format", required=True,
                       help=f"format of --dst: {', '.join(sorted(writers))}")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="write into an existing --dst directory that holds other files too, "
+                           "replacing only the files this conversion writes (without it such a "
+                           "directory is refused; a previous output of the same kind is replaced)")
   parser.add_argument("--preprocess", choices=PRESETS, default=None,
                       help="the eval view the written model records: openclip (CLIP sources' "
                            "default), hf-clip, agriclip-reference (DINO sources' default: shorter "
@@ -51,10 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  from agriclip_jax import fileio
+  src, dst = Path(args.src), Path(args.dst)
+  if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+    raise ValueError(f"--dst {dst} is the source itself; write the conversion somewhere else")
+  directory = args.dst_format in registry.DIRECTORY_FORMATS
+  fileio.check_writable(dst, directory=directory, marker=None if args.overwrite else "config.json")
   options = {"model_name": args.model_name, "tokenizer": args.tokenizer,
              "allow_torchscript": args.allow_torchscript, "which": args.which, "part": args.part,
              "heads": args.heads, "depth": args.depth, "drop_fc": args.drop_fc,
-             "drop_classifier": args.drop_classifier, "preprocess": args.preprocess}
+             "drop_classifier": args.drop_classifier, "overwrite": args.overwrite,
+             "preprocess": args.preprocess}
   model = registry.convert(args.src, args.src_format, args.dst, args.dst_format, options)
   print(f"converted {args.src} ({args.src_format}) -> {args.dst} ({args.dst_format}): "
         f"model_type {model.model_type}")

@@ -596,7 +596,6 @@ def _hf_tokenizer_files(tokenizer: ClipTokenizer, directory: Path, context_lengt
 
 def write_hf(model: ConvertedModel, dst: Path, options: Mapping[str, Any]) -> None:
   """A directory that `transformers.CLIPModel.from_pretrained` and `CLIPTokenizer` load."""
-  del options
   from safetensors.numpy import save_file
 
   config = _clip_only(model, "hf")
@@ -610,7 +609,7 @@ def write_hf(model: ConvertedModel, dst: Path, options: Mapping[str, Any]) -> No
     if tokenizer is not None:
       _hf_tokenizer_files(tokenizer, tmp, config.text.context_length)
 
-  model_io.atomic_directory(Path(dst), write)
+  model_io.atomic_directory(Path(dst), write, keep_others=bool(options.get("overwrite")))
 
 
 READERS = {"hf": read_hf, "openclip": read_openclip}

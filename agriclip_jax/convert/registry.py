@@ -9,8 +9,10 @@ module exists. Format names are part of the command line that scripts rely on: k
 `convert` also takes option `preprocess`: a view name of `input_pipeline.transforms.PRESETS` that
 replaces the source's view in the written model directory.
 
-Options every reader/writer may receive: `model_name`, `tokenizer`, `allow_torchscript`, and
-`scratch_dir` (a temporary directory that lives for one conversion, for materialised tokenizer files).
+Options every reader/writer may receive: `model_name`, `tokenizer`, `allow_torchscript`,
+`overwrite` (a directory writer keeps the files of an existing destination that it does not write
+itself, instead of refusing it: fileio.atomic_directory's keep_others), and `scratch_dir` (a
+temporary directory that lives for one conversion, for materialised tokenizer files).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class ConvertedModel:
 Reader = Callable[[Path, Mapping[str, Any]], ConvertedModel]
 Writer = Callable[[ConvertedModel, Path, Mapping[str, Any]], None]
 
+# Formats whose writers make a directory (config.json inside); the others write one file.
+DIRECTORY_FORMATS = ("flax", "hf", "timm-dino-vit")
+
 # Model types whose directories must carry tokenizer files (they have a text tower).
 TYPES_WITH_TEXT = ("clip",)
 
@@ -49,6 +54,7 @@ def read_flax(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
   """Our model directory (config.json + model.safetensors [+ tokenizer files]), any model type."""
   del options
   model_type, config, variables = model_io.load_model_dir(src)
+  variables = model_io.unstack_layer_params(variables)  # writers map per-layer names
   tokenizer_dir = Path(src) if model_io.has_tokenizer(src) else None
   preprocess = (model_io.read_preprocess(src) if model_type in model_io.IMAGE_MODEL_TYPES
                 else None)
@@ -56,12 +62,11 @@ def read_flax(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
 
 
 def write_flax(model: ConvertedModel, dst: Path, options: Mapping[str, Any]) -> None:
-  del options
   if model.model_type in TYPES_WITH_TEXT and model.tokenizer_dir is None:
     raise ValueError(f"a {model.model_type!r} model directory must carry its tokenizer files; pass "
                      f"--tokenizer PATH (a bpe_simple_vocab_16e6.txt.gz or an HF tokenizer directory)")
   model_io.save_model_dir(dst, model.model_type, model.config, model.variables, model.tokenizer_dir,
-                          preprocess=model.preprocess)
+                          keep_others=bool(options.get("overwrite")), preprocess=model.preprocess)
 
 
 def _merge(into: dict[str, Any], table: Mapping[str, Any], origin: str, kind: str) -> None:

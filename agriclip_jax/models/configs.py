@@ -14,6 +14,8 @@ from typing import Any
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
 FLAVOURS = ("clip", "dino")
+# jax.checkpoint_policies a rematerialised block may use (what each keeps: models/transformer.py).
+REMAT_POLICY_NAMES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +38,18 @@ class VisionConfig:
   ln_pre: bool = True
   flavour: str = "clip"
   drop_path_rate: float = 0.0  # stochastic depth (DINO student); rates rise linearly over blocks.
+  # FLIP: the fraction of patch tokens dropped at random per image in training (static shapes:
+  # int(N * (1 - p)) patches are kept); off at evaluation.
+  patch_dropout: float = 0.0
   remat: bool = False
+  remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps (transformer.py)
+  scan_layers: bool = False  # blocks as one nn.scan (one compiled block); weights on disk per layer
   dtype: str = "float32"  # compute dtype; params are always fp32.
 
   def __post_init__(self):
     _check_common(self, "VisionConfig")
+    if not 0.0 <= self.patch_dropout < 1.0:
+      raise ValueError(f"VisionConfig.patch_dropout={self.patch_dropout} must be in [0, 1)")
     if self.image_size % self.patch_size:
       raise ValueError(f"VisionConfig.image_size={self.image_size} is not divisible by "
                        f"patch_size={self.patch_size}")
@@ -78,6 +87,8 @@ class TextConfig:
   act: str = "quick_gelu"
   ln_eps: float = 1e-5
   remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  scan_layers: bool = False
   dtype: str = "float32"
 
   def __post_init__(self):
@@ -137,6 +148,9 @@ def _check_common(cfg, name: str) -> None:
   for field in ("width", "layers", "heads", "mlp_dim"):
     if getattr(cfg, field) <= 0:
       raise ValueError(f"{name}.{field}={getattr(cfg, field)} must be positive")
+  if cfg.remat_policy not in REMAT_POLICY_NAMES:
+    raise ValueError(f"{name}.remat_policy={cfg.remat_policy!r}; expected one of "
+                     f"{REMAT_POLICY_NAMES}")
 
 
 def _from_dict(cls, d: dict[str, Any]):

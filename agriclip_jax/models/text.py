@@ -29,7 +29,9 @@ class TextTransformer(nn.Module):
                            (cfg.context_length, cfg.width))
     x = token_embedding(tokens).astype(dtype) + positions[:length].astype(dtype)
     x = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.ln_eps, causal=True,
-                    deterministic=not train, remat=cfg.remat, dtype=dtype, name="transformer")(x)
+                    deterministic=not train, remat=cfg.remat, dtype=dtype,
+                    remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
+                    name="transformer")(x)
     x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_final")(x)
     # The end-of-text token has the largest id in CLIP's vocabulary; its feature summarises the text.
     eot_index = jnp.argmax(tokens, axis=-1)

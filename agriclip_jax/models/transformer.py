@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from agriclip_jax.models.configs import REMAT_POLICY_NAMES
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -41,10 +43,7 @@ def compute_dtype(name: str) -> jnp.dtype:
 # keeps the outputs of the weight matmuls and recomputes only attention, norms and activations:
 # most of the memory saving at a fraction of the recompute.
 REMAT_POLICIES: dict[str, Callable[..., bool]] = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+    name: getattr(jax.checkpoint_policies, name) for name in REMAT_POLICY_NAMES}
 
 
 def remat_policy(name: str) -> Callable[..., bool]:
@@ -234,7 +233,8 @@ def stack_layer_params(tree: Any) -> Any:
 
 
 def unstack_layer_params(tree: Any) -> Any:
-  """The inverse of `stack_layer_params`: `resblocks` [layers, ...] -> `resblocks_N`."""
+  """The inverse of `stack_layer_params`: `resblocks` [layers, ...] -> `resblocks_N` (arrays, or
+  the ShapeDtypeStructs of abstract variables)."""
   if not isinstance(tree, Mapping):
     return tree
   out = {k: unstack_layer_params(v) for k, v in tree.items() if k != "resblocks"}
@@ -242,5 +242,25 @@ def unstack_layer_params(tree: Any) -> Any:
     stacked = tree["resblocks"]
     depth = jax.tree.leaves(stacked)[0].shape[0]
     for i in range(depth):
-      out[f"resblocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+      out[f"resblocks_{i}"] = jax.tree.map(lambda x, i=i: _layer(x, i), stacked)
   return out
+
+
+def _layer(x: Any, i: int) -> Any:
+  """Layer i of a stacked array, or the shape of one layer of a stacked ShapeDtypeStruct."""
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x[i]
+
+
+def match_layer_layout(tree: Any, like: Any) -> Any:
+  """`tree` with each transformer stack in the layout `like` has: stacked (`resblocks`, a model
+  built with scan_layers) or per layer (`resblocks_N`). `like` is a tree of the same model (e.g.
+  its abstract variables); stacks already in the right layout are left as they are."""
+  if not isinstance(tree, Mapping) or not isinstance(like, Mapping):
+    return tree
+  stacked_here = any(_LAYER_NAME.fullmatch(k) for k in tree) and "resblocks" in like
+  unstacked_here = "resblocks" in tree and any(_LAYER_NAME.fullmatch(k) for k in like)
+  if stacked_here:
+    tree = stack_layer_params(tree)
+  elif unstacked_here:
+    tree = unstack_layer_params(tree)
+  return {k: match_layer_layout(v, like.get(k)) for k, v in tree.items()}

@@ -87,6 +87,19 @@ def check_dino_pooling(cfg: VisionConfig, n_last_blocks: int, avgpool: bool) -> 
     raise ValueError(f"avgpool goes with n_last_blocks=1 (DINO's layout), got {n_last_blocks}")
 
 
+def drop_patches(tokens: jax.Array, fraction: float, rng: jax.Array) -> jax.Array:
+  """FLIP's patch dropout: [B, 1 + N, D] -> [B, 1 + K, D], the class token and K = int(N * (1 -
+  fraction)) (at least 1) patch tokens drawn at random for each image, in their original order.
+  K is static, so the step compiles once; position embeddings were added before, so the kept
+  tokens keep their places."""
+  batch, patches = tokens.shape[0], tokens.shape[1] - 1
+  keep = max(1, int(patches * (1.0 - fraction)))
+  scores = jax.random.uniform(rng, (batch, patches))
+  kept = jnp.sort(jax.lax.top_k(scores, keep)[1], axis=-1)
+  chosen = jnp.take_along_axis(tokens[:, 1:], kept[..., None], axis=1)
+  return jnp.concatenate([tokens[:, :1], chosen], axis=1)
+
+
 class VisionTransformer(nn.Module):
   config: VisionConfig
 
@@ -126,11 +139,14 @@ class VisionTransformer(nn.Module):
     positions = interpolate_positions(positions, height // cfg.patch_size, cfg.flavour)
     cls_tokens = jnp.broadcast_to(class_embedding.astype(dtype), (batch, 1, cfg.width))
     x = jnp.concatenate([cls_tokens, x], axis=1) + positions.astype(dtype)
+    if train and cfg.patch_dropout > 0.0:
+      x = drop_patches(x, cfg.patch_dropout, self.make_rng("dropout"))
     if cfg.ln_pre:
       x = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_pre")(x)
     x = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.ln_eps,
                     causal=False, drop_path_rate=cfg.drop_path_rate, deterministic=not train,
                     remat=cfg.remat, dtype=dtype, init_style=cfg.flavour,
+                    remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
                     name="transformer")(x, keep_last=n_last_blocks)
     ln_post = nn.LayerNorm(epsilon=cfg.ln_eps, dtype=dtype, name="ln_post")
     if n_last_blocks:

@@ -77,6 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Numerics and parallelism.
   c.dtype = "float32"  # compute dtype: bfloat16 on TPU/GPU
   c.remat = False
+  c.remat_policy = "nothing_saveable"  # what a rematerialised block keeps (models/transformer.py)
+  c.scan_layers = False  # each transformer as one nn.scan: one compiled block, a shorter compile
   c.accumulate_steps = 1
   c.fast_compile = False  # cheaper XLA compilation, slower steps: for tiny CPU runs and tests
   c.nonfinite = "skip"  # skip: count and continue | stop: stop with the last good checkpoint
@@ -101,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
       variant="ViT-B/16", init_from=ml_collections.config_dict.placeholder(str),
       layers=ml_collections.config_dict.placeholder(int),  # None: the variant's depth
       vocab_size=49408, loss="infonce", sharded_loss=True,
+      patch_dropout=0.0,  # FLIP: fraction of image patch tokens dropped per image in training
       init_logit_scale=ml_collections.config_dict.placeholder(float), init_logit_bias=-10.0,
       optimizer=optimizer_config(lr=1e-5, warmup_steps=500, weight_decay=0.2, b2=0.98, eps=1e-6)))
   c.dino = ml_collections.ConfigDict(dict(

@@ -32,6 +32,7 @@ from agriclip_jax.models.clip import CLIP
 from agriclip_jax.models.configs import CLIPConfig, clip_config, vision_config
 from agriclip_jax.models.dino import DINO, DINOConfig, DINOHeadConfig
 from agriclip_jax.models.resnet import RESNET_STAGES, ResNetConfig
+from agriclip_jax.models.transformer import match_layer_layout
 from agriclip_jax.train import optim
 
 KINDS = ("contrastive", "dino", "joint")
@@ -98,21 +99,29 @@ def clip_model_config(config: Any) -> CLIPConfig:
   c = config.clip
   if c.get("init_from"):
     cfg = CLIPConfig.from_dict(_init_from_config(config, "clip"))
-    vision = dataclasses.replace(cfg.vision, dtype=config.dtype, remat=config.remat)
-    text = dataclasses.replace(cfg.text, dtype=config.dtype, remat=config.remat)
+    vision = dataclasses.replace(cfg.vision, dtype=config.dtype, patch_dropout=c.patch_dropout,
+                                 **_execution(config))
+    text = dataclasses.replace(cfg.text, dtype=config.dtype, **_execution(config))
     return cfg.replace(vision=vision, text=text)
   bias = c.get("init_logit_bias") if c.loss == "sigmoid" else None
   depth = {"layers": c.layers} if c.get("layers") else {}
   cfg = clip_config(c.variant, dtype=config.dtype, init_logit_bias=bias,
-                    image_size=config.data.image_size, remat=config.remat, **depth)
+                    image_size=config.data.image_size, patch_dropout=c.patch_dropout,
+                    **_execution(config), **depth)
   text = dataclasses.replace(cfg.text, vocab_size=c.vocab_size,
-                             context_length=config.data.context_length, remat=config.remat,
+                             context_length=config.data.context_length, **_execution(config),
                              **depth)
   init_scale = c.get("init_logit_scale")
   changes = {"text": text}
   if init_scale is not None:
     changes["init_logit_scale"] = init_scale
   return cfg.replace(**changes)
+
+
+def _execution(config: Any) -> dict[str, Any]:
+  """How a transformer runs (not what it computes): remat, its policy, scan over layers."""
+  return {"remat": bool(config.remat), "remat_policy": config.remat_policy,
+          "scan_layers": bool(config.scan_layers)}
 
 
 def dino_model_config(config: Any) -> DINOConfig:
@@ -122,8 +131,8 @@ def dino_model_config(config: Any) -> DINOConfig:
     if isinstance(cfg.backbone, ResNetConfig):
       backbone = dataclasses.replace(cfg.backbone, dtype=config.dtype)
     else:
-      backbone = dataclasses.replace(cfg.backbone, dtype=config.dtype, remat=config.remat,
-                                     drop_path_rate=d.drop_path_rate)
+      backbone = dataclasses.replace(cfg.backbone, dtype=config.dtype,
+                                     drop_path_rate=d.drop_path_rate, **_execution(config))
     return DINOConfig(backbone, cfg.head)
   head = DINOHeadConfig(out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
                         norm_last_layer=d.norm_last_layer)
@@ -134,7 +143,7 @@ def dino_model_config(config: Any) -> DINOConfig:
     return DINOConfig(backbone, head)
   depth = {"layers": d.layers} if d.get("layers") else {}
   backbone = vision_config(d.variant, flavour="dino", image_size=config.data.global_crop_size,
-                           drop_path_rate=d.drop_path_rate, dtype=config.dtype, remat=config.remat,
+                           drop_path_rate=d.drop_path_rate, dtype=config.dtype, **_execution(config),
                            **depth)
   return DINOConfig(backbone, head)
 
@@ -146,9 +155,13 @@ def load_pretrained(task: "TrainTask") -> dict[str, Any]:
   """
   from agriclip_jax import model_io
   loaded = {}
+  models = {"clip": task.clip_model, "dino": task.dino_model}
   for part, path in task.pretrained.items():
     _, _, variables = model_io.load_model_dir(path)
-    loaded[part] = variables["params"]
+    # The run may scan its layers where the saved model did not, or the other way round.
+    model_type = "clip" if part == "clip" else "dino"
+    like = model_io.abstract_variables(model_type, models[part].config.to_dict())
+    loaded[part] = match_layer_layout(variables["params"], like["params"])
     if "batch_stats" in variables:
       loaded[f"{part}_batch_stats"] = variables["batch_stats"]
   return loaded
