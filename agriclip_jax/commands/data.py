@@ -130,14 +130,15 @@ def run(args: argparse.Namespace) -> int:
   checks = RecordChecks(need_captions=not args.no_captions)
   overrides = {"max_pixels": args.max_pixels, "max_caption_chars": args.max_caption_chars}
   checks = dataclasses.replace(checks, **{k: v for k, v in overrides.items() if v is not None})
-  try:
-    source = open_source(args.source, **_source_options(args))
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  source = open_source(args.source, **_source_options(args))
   report = inspect_source(source, checks, args.limit, args.num_workers, args.examples)
   if args.json:
     print(json.dumps(report))
   else:
     _print_text(args.source, type(source).__name__, report)
+  if report["records"] and not report["read"]:
+    # Nothing usable: the summary above says why; a script must not take this for a good source.
+    print(f"agriclip data: error: {args.source}: none of its {report['records']} records could "
+          f"be read", file=sys.stderr)
+    return 2
   return 0

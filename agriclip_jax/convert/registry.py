@@ -106,6 +106,22 @@ def get_writer(name: str) -> Writer:
   return writers[name]
 
 
+def warn_non_finite(model: ConvertedModel, source: str, limit: int = 5) -> list[str]:
+  """Warns on stderr about NaN / infinite weights (converted as they are: a checkpoint saved
+  mid-divergence is still worth inspecting) and returns the names of the tensors that hold them."""
+  import sys
+
+  import numpy as np
+  bad = sorted(name for name, value in model_io.flatten(model.variables).items()
+               if np.issubdtype(np.asarray(value).dtype, np.floating)
+               and not np.all(np.isfinite(np.asarray(value))))
+  if bad:
+    shown = ", ".join(bad[:limit]) + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+    print(f"warning: {source}: {len(bad)} tensor(s) hold NaN or infinite values: {shown}",
+          file=sys.stderr)
+  return bad
+
+
 def convert(src: str | Path, src_format: str, dst: str | Path, dst_format: str,
             options: Mapping[str, Any] | None = None) -> ConvertedModel:
   """Reads `src` in one format and writes `dst` in another; returns the model in between."""
@@ -113,6 +129,7 @@ def convert(src: str | Path, src_format: str, dst: str | Path, dst_format: str,
   with tempfile.TemporaryDirectory(prefix="agriclip-convert-") as scratch:
     opts = {**(options or {}), "scratch_dir": Path(scratch)}
     model = reader(Path(src), opts)
+    warn_non_finite(model, str(src))
     if opts.get("preprocess"):  # the user's choice of view replaces the source's
       model.preprocess = model_io.preprocess_for(model.model_type, model.config, opts["preprocess"])
     writer(model, Path(dst), opts)

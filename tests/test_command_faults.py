@@ -1,0 +1,38 @@
+"""Faults through the commands a user types, on the evaluation and conversion side: each gets a
+one-line message naming the file or value and a non-zero exit, and nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from agriclip_jax import align, cli
+
+
+def test_data_inspect_of_a_source_with_no_readable_record_fails(tmp_path, capsys):
+  folder = tmp_path / "photos" / "rust"
+  folder.mkdir(parents=True)
+  for i in range(3):
+    (folder / f"leaf_{i}.jpg").write_bytes(b"not a jpeg at all")
+  code = cli.main(["data", "inspect", str(tmp_path / "photos"), "--no-captions"])
+  out, err = capsys.readouterr()
+  assert code == 2
+  assert "skipped: 3 (100.00%)" in out
+  assert err.strip() == (f"agriclip data: error: {tmp_path / 'photos'}: none of its 3 records "
+                         f"could be read")
+
+
+def test_converting_nan_weights_warns_naming_the_tensors(tmp_path, capsys):
+  weight = np.ones((3, 4), np.float32)
+  weight[1, 2] = np.nan
+  src = align.save_aligner(align.LinearAligner(weight, np.zeros(3, np.float32)),
+                           tmp_path / "a.safetensors")
+  code = cli.main(["convert", "--src", str(src), "--src-format", "agriclip-aligner",
+                   "--dst", str(tmp_path / "model"), "--dst-format", "flax"])
+  err = capsys.readouterr().err
+  assert code == 0  # converted as it is, for inspection, but not silently
+  assert f"warning: {src}: 1 tensor(s) hold NaN or infinite values: params/kernel" in err
+  assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
+  assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "linear_aligner"
