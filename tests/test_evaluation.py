@@ -216,3 +216,20 @@ def test_paired_bootstrap_uses_the_same_images_for_both_methods():
     evaluation.paired_bootstrap_difference(a, b[:3000])
   with pytest.raises(ValueError, match="booleans"):
     evaluation.bootstrap_interval(np.array([0.5, 1.0]))
+
+
+def test_sharded_knn_needs_no_collectives():
+  """Each device ranks its own test rows against the replicated training set: the compiled program
+  holds no all-gather / all-reduce (sharding propagation alone used to gather rows)."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from agriclip_jax.features import data_mesh
+  mesh = data_mesh()
+  run = evaluation._compiled_knn(100, 32, 10, (1, 10), 5, 0.07, mesh)
+  split, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+  text = run.lower(jax.ShapeDtypeStruct((64, 16), jnp.float32, sharding=split),
+                   jax.ShapeDtypeStruct((4, 32, 16), jnp.float32, sharding=replicated),
+                   jax.ShapeDtypeStruct((128,), jnp.int32, sharding=replicated)).compile().as_text()
+  for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+    assert collective not in text
