@@ -330,3 +330,44 @@ def make_device_augment(views: DeviceViews, sharding: Any = None) -> Callable[[M
   if sharding is None:
     return jax.jit(fn)
   return jax.jit(fn, out_shardings=sharding)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop's switch: data.augment_on
+# ------------------------------------------------------------------------------------------------
+
+AUGMENT_ON = ("auto", "device", "host")
+
+
+def resolve_augment_on(value: str, source: Any, backend: str) -> str:
+  """data.augment_on -> "device" | "host". "auto": the device on GPU / TPU, the host (PIL) on CPU,
+  where the device path would only move the same work onto the cores the step needs. The toy
+  source renders its own views in-process and always stays on the host."""
+  if value not in AUGMENT_ON:
+    raise ValueError(f"config.data.augment_on={value!r}; expected one of {', '.join(AUGMENT_ON)}")
+  if source == "toy":
+    return "host"
+  if value == "auto":
+    return "host" if backend == "cpu" else "device"
+  return value
+
+
+def views_for_train_config(config: Any) -> DeviceViews:
+  """The run config's views, as agriclip_jax/train/loop.make_dataset builds them for the pipeline."""
+  from input_pipeline import host_decode
+  d = config.data
+  multicrop = MultiCropConfig(global_size=d.global_crop_size, local_size=d.local_crop_size,
+                              num_local=d.n_local_crops, global_scale=tuple(d.global_crop_scale),
+                              local_scale=tuple(d.local_crop_scale))
+  return DeviceViews(config.kind, ClipViewConfig(d.image_size), multicrop,
+                     blur_taps=host_decode.blur_taps(multicrop.blur_radius))
+
+
+def make_batch_augment(config: Any, mesh: Any) -> Callable[[Mapping[str, Array]], Mapping[str, Array]]:
+  """For the training loop: the identity when views are rendered on the host, else the jitted
+  renderer with its outputs split along the batch like the inputs (train.sharding's batch axes)."""
+  if resolve_augment_on(config.data.get("augment_on", "host"), config.data.source,
+                        jax.default_backend()) == "host":
+    return lambda batch: batch
+  from agriclip_jax.train.sharding import batch_sharding
+  return make_device_augment(views_for_train_config(config), batch_sharding(mesh))

@@ -21,6 +21,7 @@ keeps its longer side at `canvas` and a shorter side below `short_side`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import struct
@@ -52,6 +53,16 @@ class HostDecodeConfig:
     if self.short_side < 1 or self.canvas < self.short_side:
       raise ValueError(f"HostDecodeConfig(short_side={self.short_side}, canvas={self.canvas}): "
                        f"need 1 <= short_side <= canvas")
+
+
+def decode_config_for(kind: str, clip_view: ClipViewConfig, multicrop: MultiCropConfig
+                      ) -> HostDecodeConfig:
+  """The decode size for the largest crop a run renders: shorter side 256/224 of it (256 for
+  224 crops), canvas 1.5 times that."""
+  largest = max(clip_view.size if kind in ("contrastive", "joint") else 0,
+                multicrop.global_size if kind in ("dino", "joint") else 0)
+  short_side = math.ceil(largest * 256 / 224)
+  return HostDecodeConfig(short_side=short_side, canvas=math.ceil(short_side * 1.5))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +168,11 @@ def pil_box_blur(sigma: float, passes: int = 3) -> tuple[int, int, int]:
 
 def blur_taps(sigma_range: Sequence[float]) -> int:
   """The device's static blur half-width: 1 + the largest box radius over the sigma range."""
-  low, high = float(sigma_range[0]), float(sigma_range[1])
+  return _blur_taps(float(sigma_range[0]), float(sigma_range[1]))
+
+
+@functools.lru_cache(maxsize=16)
+def _blur_taps(low: float, high: float) -> int:
   return 1 + max(pil_box_blur(s)[0] for s in np.linspace(low, high, 257))
 
 
@@ -262,15 +277,16 @@ class DeviceTrainTransform(grain.transforms.RandomMap):
   clip_view: ClipViewConfig
   multicrop: MultiCropConfig
   tokenize: Any
-  decode: HostDecodeConfig = HostDecodeConfig()
+  decode: HostDecodeConfig | None = None  # None: decode_config_for the views
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     from input_pipeline import pipeline
+    decode = self.decode or decode_config_for(self.kind, self.clip_view, self.multicrop)
     try:
       if record.get("error"):
         raise BadRecord(record["error"])
       captions = pipeline.usable_captions(record, self.checks)
-      decoded = decode_reduced(record["image_bytes"], self.decode, self.checks.max_pixels,
+      decoded = decode_reduced(record["image_bytes"], decode, self.checks.max_pixels,
                                self.checks.min_side)
     except BadRecord as bad:
       return pipeline._bad_marker(bad.reason, record["path"])
@@ -287,7 +303,7 @@ class DeviceTrainTransform(grain.transforms.RandomMap):
 def host_cpu_ms_per_image(records: Sequence[Mapping[str, Any]], view: str, placement: str,
                           clip_view: ClipViewConfig = ClipViewConfig(),
                           multicrop: MultiCropConfig = MultiCropConfig(),
-                          decode: HostDecodeConfig = HostDecodeConfig(), seed: int = 0) -> float:
+                          decode: HostDecodeConfig | None = None, seed: int = 0) -> float:
   """Host CPU milliseconds per image (time.process_time: this process's CPU, all threads) of one
   view ("clip" | "dino") placed on the "host" (decode + PIL views + normalise) or the "device"
   (reduced decode + plans; the rendering is the accelerator's). Bad records are skipped."""
@@ -296,6 +312,7 @@ def host_cpu_ms_per_image(records: Sequence[Mapping[str, Any]], view: str, place
                      f"{placement!r}")
   taps = blur_taps(multicrop.blur_radius)
   kind = "contrastive" if view == "clip" else "dino"
+  decode = decode or decode_config_for(kind, clip_view, multicrop)
   done, start = 0, time.process_time()
   for index, record in enumerate(records):
     rng = np.random.default_rng([seed, index])
@@ -314,3 +331,13 @@ def host_cpu_ms_per_image(records: Sequence[Mapping[str, Any]], view: str, place
       continue
     done += 1
   return 1000.0 * (time.process_time() - start) / max(done, 1)
+
+
+def view_costs(records: Sequence[Mapping[str, Any]], clip_view: ClipViewConfig = ClipViewConfig(),
+               multicrop: MultiCropConfig = MultiCropConfig()) -> dict[str, dict[str, float]]:
+  """{"clip": {"host": ms, "device": ms}, "dino": {...}}: host CPU-ms per image of each view and
+  placement over the same records (for `agriclip data inspect --view-cost N`)."""
+  return {view: {placement: round(host_cpu_ms_per_image(records, view, placement, clip_view,
+                                                        multicrop), 3)
+                 for placement in ("host", "device")}
+          for view in ("clip", "dino")}

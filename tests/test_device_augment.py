@@ -307,3 +307,22 @@ def test_device_transform_draws_as_the_host_transform_and_marks_bad_records(phot
   assert example["local_plan/box"].shape == (4, 4) and example["label"] == reference["label"]
   bad = ours.random_map({**record, "image_bytes": b"not a picture"}, np.random.default_rng(5))
   assert bad == theirs.random_map({**record, "image_bytes": b"not a picture"}, np.random.default_rng(5))
+
+
+# ------------------------------------------------------------------------------------------------
+# The switch
+# ------------------------------------------------------------------------------------------------
+
+def test_augment_on_resolves_by_backend_and_source():
+  assert da.resolve_augment_on("auto", "alive.jsonl", "gpu") == "device"
+  assert da.resolve_augment_on("auto", "alive.jsonl", "tpu") == "device"
+  assert da.resolve_augment_on("auto", "alive.jsonl", "cpu") == "host"
+  assert da.resolve_augment_on("device", "alive.jsonl", "cpu") == "device"
+  assert da.resolve_augment_on("device", "toy", "gpu") == "host"  # toy data renders its own views
+  with pytest.raises(ValueError, match="augment_on='gpu'; expected one of auto, device, host"):
+    da.resolve_augment_on("gpu", "alive.jsonl", "cpu")
+
+
+def test_decode_size_follows_the_largest_crop():
+  assert hd.decode_config_for("dino", CLIP_VIEW, transforms.MultiCropConfig()) == hd.HostDecodeConfig(256, 384)
+  assert hd.decode_config_for("contrastive", CLIP_VIEW, transforms.MultiCropConfig()) == hd.HostDecodeConfig(74, 111)
