@@ -12,6 +12,9 @@ Or the JSON of `agriclip knn` / `agriclip probe` ({"knn": {k: {"top1", "top5"}},
 "compared": {features: {...the same..., "difference": ...}}}): tables per section, knn.png (top-1
 against k), probe.png and fewshot.png (mean +- std against N).
 
+A zero-shot file may also hold "differences": [{"task", "methods": [a, b], "top1": paired
+interval}], shown as a table of a − b.
+
 An accuracy `NAME` with a bootstrap interval beside it (`NAME_interval`: {"low", "high", ...}, as
 `evaluation.bootstrap_interval` returns) is shown as "acc [low, high]" and drawn with error bars;
 files without intervals give the plain tables and bars.
@@ -128,6 +131,18 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
         r = lookup[(task, m)]
         lines.append(f"| {task} | {m} | {r['num_images']} | {_cell(r, 'top1')} | "
                      f"{_cell(r, 'top5')} | {_percent(r['balanced_accuracy'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def differences_table(rows: list[dict[str, Any]]) -> str:
+  """Zero-shot comparisons on the same images: rows {"task", "methods": [a, b], "top1": paired
+  interval of accuracy(a) - accuracy(b) (`evaluation.paired_bootstrap_difference`)}."""
+  lines = ["## Paired differences (percentage points, 95% CI)", "",
+           "| task | methods | images | top-1 difference |", "|---|---|---:|---:|"]
+  for r in rows:
+    first, second = r["methods"]
+    lines.append(f"| {r['task']} | {first} − {second} | {r['top1']['images']} | "
+                 f"{_difference(r['top1'])} |")
   return "\n".join(lines) + "\n"
 
 
@@ -370,6 +385,8 @@ def write_report(document: dict[str, Any], out_dir: str | os.PathLike) -> list[P
   text = ["# Zero-shot report", ""]
   if rows:
     text += [markdown_tables(rows), "![accuracy](accuracy.png)", ""]
+  if document.get("differences"):
+    text += [differences_table(document["differences"]), ""]
   if document.get("retrieval"):
     text += [retrieval_table(document["retrieval"]), ""]
   if confusion_links:

@@ -56,11 +56,15 @@ def _intervals(correct, **options):
 
 
 def test_zero_shot_tables_show_intervals_and_plots_draw_error_bars(tmp_path):
+  from agriclip_jax import evaluation
   document = _results()
   plain = report.write_report(document, tmp_path / "plain")
   rng = np.random.default_rng(1)
   for row in document["results"]:
     row["top1"], row["top1_interval"] = _intervals(rng.random(30) < 0.6, resamples=200)
+  agriclip, clip = rng.random(30) < 0.7, rng.random(30) < 0.5
+  paired = evaluation.paired_bootstrap_difference(agriclip, clip, resamples=200)
+  document["differences"] = [{"task": "beans", "methods": ["agriclip", "clip"], "top1": paired}]
   written = report.write_report(document, tmp_path / "ci")
   text = (tmp_path / "ci" / "report.md").read_text()
   row = next(r for r in document["results"] if r["task"] == "beans" and r["method"] == "clip")
@@ -68,6 +72,8 @@ def test_zero_shot_tables_show_intervals_and_plots_draw_error_bars(tmp_path):
   assert interval["low"] < row["top1"] < interval["high"]
   cell = f"{100 * row['top1']:.1f} [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"
   assert f"| beans | clip | 30 | {cell} | {100 * row['top5']:.1f} |" in text
+  assert (f"| beans | agriclip − clip | 30 | {100 * paired['difference']:+.1f} "
+          f"[{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}] |") in text
   # the same accuracies drawn with error bars make another picture; without, the plain bars
   with Image.open(plain[1]) as a, Image.open(written[1]) as b:
     assert written[1].name == "accuracy.png" and a.size == b.size
