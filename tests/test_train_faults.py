@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from agriclip_jax import cli
-from agriclip_jax.train.checkpoint import MANIFEST_NAME, Checkpointer, verify_step
+from agriclip_jax.train.checkpoint import Checkpointer, verify_step
 from agriclip_jax.train.workdir_lock import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_an_empty_and_a_truncated_step_are_moved_aside_and_their_steps_saved_aga
       in result.stderr
   assert (f"checkpoint step 8 in {workdir / 'checkpoints'} is damaged: {chunk} is 100 bytes, "
           in result.stderr)
-  assert f"at step 4" in result.stdout
+  assert "at step 4" in result.stdout
   moved = sorted(p.name.split("-")[0] for p in (workdir / "checkpoints-quarantine").iterdir()
                  if p.is_dir())
   assert moved == ["12", "8"]

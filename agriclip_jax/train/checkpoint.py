@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grain
 import jax
@@ -39,12 +39,11 @@ import orbax.checkpoint as ocp
 
 from agriclip_jax.fileio import atomic_write_json
 
-log = logging.getLogger(__name__)
-
 MANIFEST_NAME = "agriclip_manifest.json"
 MANIFEST_FORMAT = "agriclip-checkpoint-manifest/1"
 QUARANTINE_DIR = "checkpoints-quarantine"
-# Orbax writes a step as `<step>.orbax-checkpoint-tmp-<timestamp>`, then renames it to `<step>`.
+# Orbax writes a step as `<step>.orbax-checkpoint-tmp` (some versions add `-<timestamp>`), then
+# renames it to `<step>`.
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 # Orbax rewrites the step's metadata file after the rename (it adds the commit time), so it is
 # checked for being readable JSON instead of by its hash.
