@@ -355,8 +355,10 @@ def write_evaluation_report(document: dict[str, Any], out: Path) -> list[Path]:
       written.append(plot(document, out / f"{key}.png"))
       images.append(f"![{key}]({key}.png)")
   train, test = document.get("train") or {}, document.get("test") or {}
-  title = ", ".join(label for key, label in (("knn", "kNN"), ("probe", "linear-probe"),
-                                             ("fewshot", "few-shot")) if document.get(key))
+  parts = [label for key, label in (("knn", "kNN"), ("probe", "linear-probe"),
+                                    ("fewshot", "few-shot")) if document.get(key)]
+  title = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts)
+  title = title if title.startswith("kNN") else title[0].upper() + title[1:]
   text = [f"# {title} report", "",
           f"Features: {document.get('features', '–')}; train {train.get('source', '–')} "
           f"({train.get('images', '–')} images, {train.get('classes', '–')} classes), test "
