@@ -173,6 +173,19 @@ def device_share_of_tiny_dino_step(source, rounds: int = 5) -> None:
   print(f"pipeline_tiny_dino_step_ms: {step_s * 1e3:.2f} ms per step ({sizes}, K={bench.out_dim})")
   print(f"pipeline_device_augment_over_tiny_dino_step: {100 * augment_s / step_s:.1f} % "
         f"(median of {rounds}, same run)", flush=True)
+  # The full recipe rendered by XLA on this CPU: what augment_on="device" would cost here.
+  full = transforms.MultiCropConfig()
+  decode = host_decode.decode_config_for("dino", transforms.ClipViewConfig(SIZE), full)
+  examples = [host_decode.device_example(host_decode.decode_reduced(source[i]["image_bytes"], decode),
+                                         np.random.default_rng([0, i]), "dino", transforms.ClipViewConfig(SIZE),
+                                         full, taps) for i in range(bench.batch)]
+  host_batch = jax.device_put({k: np.stack([e[k] for e in examples]) for k in examples[0]})
+  augment = device_augment.make_device_augment(device_augment.DeviceViews("dino", multicrop=full,
+                                                                          blur_taps=taps))
+  full_s = timed(lambda: jax.block_until_ready(augment(host_batch)))
+  print(f"pipeline_device_augment_full_recipe_ms_per_image: {full_s * 1e3 / bench.batch:.1f} ms "
+        f"(2x224 + 8x96, canvas {decode.canvas} px, batch {bench.batch}, XLA on "
+        f"{jax.default_backend()}; median of {rounds})", flush=True)
 
 
 def main(quick: bool = False, cpu_only: bool = False) -> None:

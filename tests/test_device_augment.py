@@ -326,3 +326,33 @@ def test_augment_on_resolves_by_backend_and_source():
 def test_decode_size_follows_the_largest_crop():
   assert hd.decode_config_for("dino", CLIP_VIEW, transforms.MultiCropConfig()) == hd.HostDecodeConfig(256, 384)
   assert hd.decode_config_for("contrastive", CLIP_VIEW, transforms.MultiCropConfig()) == hd.HostDecodeConfig(74, 111)
+
+
+def test_grain_batches_become_the_steps_arrays_on_the_mesh(photos):
+  """Records -> DeviceTrainTransform in Grain -> the pipeline's skip-and-count batching -> global
+  arrays on an 8-device mesh -> the loop's renderer: the dino step's keys, shapes and layout."""
+  import grain
+  from agriclip_jax.train import config as config_lib, sharding
+  from input_pipeline import pipeline
+  records = [{"image_bytes": data, "captions": ["a leaf"], "label": i % 3, "path": f"leaf_{i}.jpg"}
+             for i, data in enumerate(photos[:8])]
+  records.insert(3, {"image_bytes": b"<html>404</html>", "captions": ["x"], "label": 0, "path": "bad.jpg"})
+  transform = hd.DeviceTrainTransform("dino", pipeline.RecordChecks(), CLIP_VIEW, MULTICROP, None)
+  examples = grain.MapDataset.source(records).seed(0).random_map(transform).to_iter_dataset()
+  batches = iter(pipeline.SkipBatchDataset(examples, 8, {}, max_bad_fraction=None,
+                                           min_records_for_check=1))
+  host_batch = next(batches)
+  assert dict(batches.bad_records.counts) == {"not_an_image": 1}
+  assert host_batch["pixels"].dtype == np.uint8 and host_batch["global_plan/box"].shape == (8, 2, 4)
+  config = config_lib.default_config()
+  config.kind, config.data.source = "dino", "corn"
+  config.data.global_crop_size, config.data.local_crop_size, config.data.n_local_crops = GLOBAL, LOCAL, 4
+  config.data.augment_on = "device"
+  mesh = sharding.make_mesh(-1, 1)
+  batch = da.make_batch_augment(config, mesh)(sharding.to_global_batch(host_batch, mesh))
+  assert sorted(batch) == ["global_crops", "label", "local_crops"]
+  assert batch["global_crops"].shape == (8, 2, GLOBAL, GLOBAL, 3)
+  assert batch["local_crops"].shape == (8, 4, LOCAL, LOCAL, 3)
+  assert batch["global_crops"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 5)
+  config.data.augment_on = "host"
+  assert da.make_batch_augment(config, mesh)(host_batch) is host_batch
