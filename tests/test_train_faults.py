@@ -205,6 +205,24 @@ def test_restored_non_finite_parameters_count_as_a_damaged_step(tmp_path, capsys
       next((tmp_path / "checkpoints-quarantine").glob("*.reason.txt")).read_text()
 
 
+def test_a_step_without_a_manifest_is_restored_with_a_warning(tmp_path, capsys):
+  import jax
+  state = {"params": {"w": np.array([1.0, 2.0], np.float32)}, "step": np.int32(3)}
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  saver = Checkpointer(tmp_path / "checkpoints", keep=2, async_save=False)
+  saver.save(3, state, None)
+  saver.close()
+  (tmp_path / "checkpoints/3/agriclip_manifest.json").unlink()  # as an older version wrote it
+  restorer = Checkpointer(tmp_path / "checkpoints", keep=2, async_save=False)
+  restored, step = restorer.restore_latest(target, None)
+  restorer.close()
+  assert step == 3
+  np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), state["params"]["w"])
+  assert (f"warning: checkpoint step 3 in {tmp_path / 'checkpoints'} has no agriclip_manifest.json"
+          in capsys.readouterr().err)
+  assert not (tmp_path / "checkpoints-quarantine").exists()
+
+
 def test_a_run_that_skips_most_steps_stops_without_saving_or_exporting(tmp_path):
   # An absurd learning rate: step 1 sends the weights to ~1e30; every later step is non-finite
   # and skipped (nonfinite="skip").

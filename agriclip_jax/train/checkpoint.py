@@ -327,6 +327,10 @@ class Checkpointer:
       if not all_finite(state):
         self.move_aside(step, "holds non-finite values (NaN or infinity)")
         continue
+      if status == "unverified":
+        warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST_NAME} (written by an "
+             f"older version, or a synchronous save stopped before its manifest); restored "
+             f"without checking its bytes, its values are finite")
       return state, step
     if self.moved_aside:
       warn(f"no good checkpoint left in {self.directory}; starting from step 0")
