@@ -5,6 +5,7 @@ models: the JSON they write equals evaluation.py's functions on features compute
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -156,4 +157,9 @@ def test_eval_commands_name_what_is_missing(models, corn_split, tmp_path, capsys
   assert cli.main(["knn", "--model", str(models / "clip"), "--features", "clip", "--train",
                    str(corn_split[1]), "--test", str(corn_split[0]), "--k", "1", "--out", str(out)]) == 2
   assert "classes ['Healthy'] are not among the training classes" in capsys.readouterr().err
+  assert cli.main(["probe", "--model", str(models / "clip"), "--features", "clip", "--train",
+                   str(corn_split[0]), "--test", str(corn_split[1]), "--shots", "1", "9",
+                   "--out", str(out)]) == 2
+  assert re.search(r"--shots 9 needs as many training images of every class; .*train has fewer of "
+                   r"\{'Blight': \d, ", capsys.readouterr().err)
   assert not out.exists()

@@ -56,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"--shots {args.shots} and --seeds {args.seeds} must be positive")
   train, test, class_names = train_and_test_features(args)
   num_classes = len(class_names)
+  if args.shots:
+    counts = np.bincount(train.labels, minlength=num_classes)
+    short = {name: int(count) for name, count in zip(class_names, counts) if count < max(args.shots)}
+    if short:
+      raise ValueError(f"--shots {max(args.shots)} needs as many training images of every class; "
+                       f"{args.train} has fewer of {short}")
   results = {kind: probe_correct(train.features[kind], train.labels, test.features[kind],
                                  test.labels, num_classes, args) for kind in args.features}
 
