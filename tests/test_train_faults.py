@@ -462,3 +462,33 @@ def test_a_full_disk_during_the_async_save_is_one_line_naming_the_checkpoint_dir
   assert _steps(workdir) == [4]
   assert verify_step(workdir / "checkpoints/4")[0] == "verified"
   assert not (workdir / "models").exists() and not (workdir / LOCK_NAME).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Units under the cases above: a short metrics write, a reused pid
+# ----------------------------------------------------------------------------------------------
+
+def test_a_metrics_line_cut_short_by_the_disk_is_cut_back_off(tmp_path, monkeypatch):
+  from agriclip_jax.train import metrics_writer
+  writer = metrics_writer.MetricsWriter(tmp_path, tensorboard=False)
+  writer.write(1, {"loss": 1.5})
+  before = (tmp_path / "metrics.jsonl").read_bytes()
+  real_write = os.write
+  monkeypatch.setattr(metrics_writer.os, "write", lambda fd, data: real_write(fd, data[:7]))
+  with pytest.raises(OSError, match="No space left on device") as error:
+    writer.write(2, {"loss": 1.25})
+  assert error.value.filename == str(tmp_path / "metrics.jsonl")
+  writer.close()
+  assert (tmp_path / "metrics.jsonl").read_bytes() == before  # whole lines only
+
+
+def test_a_live_pid_with_another_start_time_is_not_the_lock_holder():
+  import socket
+  from agriclip_jax.train import workdir_lock
+  me = {"host": socket.gethostname(), "pid": os.getpid(),
+        "pid_start_ticks": workdir_lock._process_start_ticks(os.getpid())}
+  assert not workdir_lock.holder_is_gone(me)
+  if me["pid_start_ticks"] is None:
+    pytest.skip("no /proc start times on this system")
+  assert workdir_lock.holder_is_gone({**me, "pid_start_ticks": me["pid_start_ticks"] - 1})
+  assert not workdir_lock.holder_is_gone({**me, "host": "another-host"})
