@@ -57,8 +57,9 @@ def _config(model: str, batch_size: int):
   return cfg
 
 
-def jax_images_per_sec(model: str, batch_size: int, steps: int) -> float:
+def jax_images_per_sec(model: str, batch_size: int, steps: int, patch_dropout: float = 0.0) -> float:
   cfg = _config(model, batch_size)
+  cfg.clip.patch_dropout = patch_dropout
   cfg.fast_compile = False  # measure the optimised program
   cfg.mesh.data = 1
   mesh = make_mesh(1, 1, jax.devices()[:1])
