@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--results", type=Path, required=True, help="results JSON from `agriclip zeroshot`, `knn`, `probe` or `demo`")
+  parser.add_argument("--results", type=Path, required=True, help="results JSON from `agriclip zeroshot`, `knn` or `probe` (or the demo's rows.json)")
   parser.add_argument("--out", type=Path, required=True, help="output folder")
 
 
