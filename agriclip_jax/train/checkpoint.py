@@ -188,16 +188,29 @@ def _install_unraisable_filter() -> None:
   sys.unraisablehook = hook
 
 
+class _DropUnretrievedSaveErrors(logging.Filter):
+  """asyncio logs "Future exception was never retrieved" for each tensorstore write that failed
+  after Orbax stopped waiting for it: the same file-system error the main thread reports as one
+  line. Only records whose exception is such an error (full disk, read-only, ...) are dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    never_retrieved = "exception was never retrieved" in record.getMessage()
+    return not (never_retrieved and error is not None and _root_oserror(error) is not None)
+
+
 def quiet_save_tracebacks() -> None:
-  """Installs the filters above, once per process: on the absl logger Orbax writes to and as
-  the unraisable-error hook. Both stay: after a second Ctrl-C, the save threads Orbax leaves
-  running log their failures while the interpreter shuts down, after the run has returned."""
+  """Installs the filters above, once per process: on the absl logger Orbax writes to, on
+  asyncio's logger and as the unraisable-error hook. They stay: after a second Ctrl-C, the save
+  threads Orbax leaves running log their failures while the interpreter shuts down, after the
+  run has returned."""
   if os.environ.get("AGRICLIP_DEBUG"):
     return
   _install_unraisable_filter()
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropOrbaxTracebacks) for f in logger.filters):
-    logger.addFilter(_DropOrbaxTracebacks())
+  for name, kind in (("absl", _DropOrbaxTracebacks), ("asyncio", _DropUnretrievedSaveErrors)):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+      logger.addFilter(kind())
 
 
 # ----------------------------------------------------------------------------------------------
