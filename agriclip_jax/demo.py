@@ -471,15 +471,17 @@ def evaluate_task(task: EvalTask, encoders: Encoders, aligner, config) -> list[d
         f"{encoded.skipped}")
   class_emb = zeroshot.class_embeddings(list(task.prompt_names), list(task.templates),
                                         encoders.clip.encode_text)
-  metrics = zeroshot.evaluate(class_emb, encoded.labels, task.class_names,
+  metrics, differences = zeroshot.evaluate(class_emb, encoded.labels, task.class_names,
                               encoded.features["clip_image"], encoded.features["dino"], aligner,
                               METHODS, config.zeroshot.ensemble_weight, encoders.clip.logit_scale)
+  from_clip = {d["methods"][0]: d["top1"] for d in differences}
   rows = []
   for method in METHODS:
     rows.append({"task": task.name, "method": method, "kind": task.kind,
                  "num_classes": task.num_classes, "chance": chance_level(encoded.labels,
                                                                          task.num_classes),
-                 **metrics[method]})
+                 **metrics[method],
+                 **({"top1_minus_clip": from_clip[method]} if method in from_clip else {})})
   log(f"task {task.name} ({task.num_classes} classes, {len(encoded.labels)} images): "
       + ", ".join(f"{m} {100 * metrics[m]['top1']:.1f}%" for m in METHODS)
       + f" (chance {100 * rows[0]['chance']:.1f}%)")
@@ -494,14 +496,20 @@ def chance_level(labels: np.ndarray, num_classes: int) -> float:
 
 def results_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
   """The results.json shape scripts rely on: {"tasks": {TASK: {"num_classes", "chance",
-  "accuracy": {method: top-1}, ...}}, "mean": {method: ..., "chance": ...}}."""
+  "accuracy": {method: top-1}, "interval": {method: [low, high]} (95 % bootstrap over the
+  task's images), "minus_clip": {method: {"difference", "low", "high", ...}} (paired bootstrap),
+  ...}}, "mean": {method: ..., "chance": ...}}."""
   tasks: dict[str, dict[str, Any]] = {}
   for row in rows:
     entry = tasks.setdefault(row["task"], {"num_classes": row["num_classes"],
                                            "chance": row["chance"], "accuracy": {},
+                                           "interval": {}, "minus_clip": {},
                                            "balanced_accuracy": {}, "num_images": row["num_images"],
                                            "kind": row["kind"]})
     entry["accuracy"][row["method"]] = row["top1"]
+    entry["interval"][row["method"]] = [row["top1_interval"]["low"], row["top1_interval"]["high"]]
+    if "top1_minus_clip" in row:
+      entry["minus_clip"][row["method"]] = row["top1_minus_clip"]
     entry["balanced_accuracy"][row["method"]] = row["balanced_accuracy"]
   mean = {m: float(np.mean([t["accuracy"][m] for t in tasks.values()])) for m in METHODS}
   mean["chance"] = float(np.mean([t["chance"] for t in tasks.values()]))
@@ -549,21 +557,33 @@ def write_report(workdir: Path, rows: list[dict[str, Any]], document: dict[str, 
                  timer: StageTimer, summary: dict[str, Any], history: list[dict[str, float]]) -> Path:
   """report.md (tables + plots from report.py) headed by the demo's own summary."""
   from agriclip_jax import report, zeroshot
-  report.write_report({"results": rows, "mean": zeroshot.suite_means(rows)}, workdir)
+  differences = [{"task": row["task"], "methods": [row["method"], "clip"],
+                  "top1": row["top1_minus_clip"]} for row in rows if "top1_minus_clip" in row]
+  report.write_report({"results": rows, "mean": zeroshot.suite_means(rows),
+                       "differences": differences}, workdir)
   tables = (workdir / "report.md").read_text()
   tables = tables.split("\n", 1)[1] if tables.startswith("# ") else tables
   plot_training(history, workdir / "training.png")
   lines = ["# AgriCLIP demo report", "", f"Data: {summary['data']}.", "",
            "## Zero-shot accuracy with chance", "",
-           "| task | classes | images | chance | CLIP | AgriCLIP | ensemble |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           "Top-1 % with its 95 % bootstrap interval over the task's images; the last column is "
+           "AgriCLIP minus CLIP on the same images, with its paired bootstrap interval.", "",
+           "| task | classes | images | chance | CLIP | AgriCLIP | ensemble | AgriCLIP - CLIP |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+  def cell(t: dict[str, Any], method: str) -> str:
+    low, high = t["interval"][method]
+    return f"{100 * t['accuracy'][method]:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
   for name, t in document["tasks"].items():
-    a = t["accuracy"]
+    d = t["minus_clip"]["agriclip"]
     lines.append(f"| {name} | {t['num_classes']} | {t['num_images']} | {100 * t['chance']:.1f} | "
-                 f"{100 * a['clip']:.1f} | {100 * a['agriclip']:.1f} | {100 * a['ensemble']:.1f} |")
+                 f"{cell(t, 'clip')} | {cell(t, 'agriclip')} | {cell(t, 'ensemble')} | "
+                 f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] |")
   m = document["mean"]
   lines += [f"| **mean** | | | {100 * m['chance']:.1f} | {100 * m['clip']:.1f} | "
-            f"{100 * m['agriclip']:.1f} | {100 * m['ensemble']:.1f} |", "",
+            f"{100 * m['agriclip']:.1f} | {100 * m['ensemble']:.1f} | "
+            f"{100 * (m['agriclip'] - m['clip']):+.1f} |", "",
             *_comparison_lines(document), "",
             "## Pipeline", "",
             f"- Training: {summary['train']}", f"- Aligner: {summary['aligner']}",

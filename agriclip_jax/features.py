@@ -323,30 +323,85 @@ class ClipEncoders:
   logit_scale: float
 
 
-def clip_model_encoders(model_dir: str | os.PathLike, batch_size: int = 256, mesh=None) -> ClipEncoders:
-  """CLIP image + text encoders from a model directory (model_type "clip" with tokenizer files);
-  images get the view the directory records."""
-  from agriclip_jax import model_io, tokenizer
-  model_type, config, variables = model_io.load_model_dir(model_dir)
+@dataclasses.dataclass(frozen=True)
+class LoadedClip:
+  """A CLIP model as loaded from any format we read, with its tokenizer and eval view."""
+  config: dict
+  variables: dict
+  tokenizer: Any  # tokenizer.ClipTokenizer
+  preprocess: Any  # input_pipeline.transforms.PreprocessSpec
+  source: str
+
+
+def detect_clip_format(path: Path) -> str:
+  """'flax' (our model directory), 'hf' (a CLIPModel directory) or 'openclip' (a single file:
+  an open_clip / OpenAI state dict, or a TorchScript archive behind allow_torchscript)."""
+  from agriclip_jax import fileio
+  if path.is_dir():
+    meta = fileio.read_json(path / "config.json",
+                            "config of an HF CLIPModel or agriclip-jax model directory")
+    return "flax" if "format_version" in meta and "config" in meta else "hf"
+  if path.is_file():
+    return "openclip"
+  raise FileNotFoundError(f"CLIP model not found: {path}")
+
+
+def load_clip_model(path: str | os.PathLike, clip_format: str | None = None,
+                    tokenizer: str | os.PathLike | None = None, model_name: str | None = None,
+                    allow_torchscript: bool = False) -> LoadedClip:
+  """The one CLIP loader: our model directory, an HF CLIPModel directory, or an open_clip / OpenAI
+  file (the architecture read from its tensor shapes unless `model_name` says it)."""
+  import tempfile
+
+  from agriclip_jax import model_io
+  from agriclip_jax.tokenizer import ClipTokenizer
+  path = Path(path)
+  clip_format = clip_format or detect_clip_format(path)
+  if clip_format == "flax":
+    model_type, config, variables = model_io.load_model_dir(path)
+    tokenizer_dir, spec = path, model_io.read_preprocess(path)
+    if not model_io.has_tokenizer(path):
+      raise FileNotFoundError(f"{path}: no tokenizer files (vocab.json + merges.txt)")
+    tok = ClipTokenizer.from_directory(tokenizer_dir)
+  else:
+    from agriclip_jax.convert import registry
+    with tempfile.TemporaryDirectory(prefix="agriclip-load-") as scratch:
+      options = {"scratch_dir": Path(scratch), "model_name": model_name,
+                 "allow_torchscript": allow_torchscript,
+                 "tokenizer": None if tokenizer is None else str(tokenizer)}
+      model = registry.get_reader(clip_format)(path, options)
+      if model.tokenizer_dir is None:
+        raise FileNotFoundError(f"{path}: no tokenizer files; pass a tokenizer (OpenAI's "
+                                f"bpe_simple_vocab_16e6.txt.gz or an HF tokenizer directory)")
+      tok = ClipTokenizer.from_directory(model.tokenizer_dir)  # read now: the scratch folder goes
+    model_type, config, variables = model.model_type, model.config, model.variables
+    spec = model.preprocess or model_io.default_preprocess(model_type, config)
   if model_type != "clip":
-    raise ValueError(f"{model_dir}: expected a CLIP model directory, found model_type {model_type!r}")
-  if not model_io.has_tokenizer(model_dir):
-    raise FileNotFoundError(f"{model_dir}: no tokenizer files (vocab.json + merges.txt)")
-  module, _ = model_io.build_model(model_type, config)
-  tok = tokenizer.load_tokenizer(model_dir)
+    raise ValueError(f"{path}: expected a CLIP model, found model_type {model_type!r}")
+  return LoadedClip(config, variables, tok, spec, str(path))
+
+
+def clip_model_encoders(path: str | os.PathLike, batch_size: int = 256, mesh=None,
+                        **load_options) -> ClipEncoders:
+  """CLIP image + text encoders of any CLIP we read (`load_clip_model`); images get the view the
+  model records."""
+  from agriclip_jax import model_io
+  clip = load_clip_model(path, **load_options)
+  config, variables = clip.config, clip.variables
+  module, _ = model_io.build_model("clip", config)
   context_length = int(config["text"]["context_length"])
 
   def apply_text(params, tokens):
     return module.apply(params, tokens, method=type(module).encode_text)
 
   def encode_text(texts: list[str]) -> np.ndarray:
-    return encode_texts(texts, lambda t: tok.encode(t, context_length=context_length), apply_text,
-                        batch_size, mesh, params=variables)
+    return encode_texts(texts, lambda t: clip.tokenizer.encode(t, context_length=context_length),
+                        apply_text, batch_size, mesh, params=variables)
 
-  spec = model_io.read_preprocess(model_dir)
-  image = spec_encoder("clip_image", fingerprint_path(model_dir), spec,
-                       image_features_fn(model_type, config), variables,
-                       model_id=model_io.content_fingerprint(model_type, config, spec, variables))
+  spec = clip.preprocess
+  image = spec_encoder("clip_image", fingerprint_path(path), spec,
+                       image_features_fn("clip", config), variables,
+                       model_id=model_io.content_fingerprint("clip", config, spec, variables))
   log_scale = variables["params"].get("logit_scale") if "params" in variables else None
   scale = float(np.exp(np.asarray(log_scale))) if log_scale is not None else 100.0
   return ClipEncoders(image, encode_text, min(scale, 100.0))

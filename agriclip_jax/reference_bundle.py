@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agriclip_jax import fileio
 from input_pipeline.transforms import PreprocessSpec, load_eval_image
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder counts as an image.
@@ -112,36 +110,14 @@ def load_dino(dino: str | os.PathLike) -> tuple[DinoApply, Any, PreprocessSpec]:
 
 
 def load_clip(clip: str | os.PathLike, clip_format: str | None = None,
-              tokenizer: str | os.PathLike | None = None, scratch_dir: Path | None = None):
-  """(CLIP module, variables, ClipTokenizer, context length) from any CLIP format we read."""
-  from agriclip_jax.convert import registry
+              tokenizer: str | os.PathLike | None = None):
+  """(CLIP module, variables, ClipTokenizer, context length) through `features.load_clip_model`."""
+  from agriclip_jax.features import load_clip_model
   from agriclip_jax.models.clip import CLIP
   from agriclip_jax.models.configs import CLIPConfig
-  from agriclip_jax.tokenizer import ClipTokenizer
-  path = Path(clip)
-  clip_format = clip_format or detect_clip_format(path)
-  options: dict[str, Any] = {"scratch_dir": scratch_dir or Path(tempfile.mkdtemp(prefix="agriclip-"))}
-  if tokenizer is not None:
-    options["tokenizer"] = str(tokenizer)
-  model = registry.get_reader(clip_format)(path, options)
-  if model.model_type != "clip":
-    raise ValueError(f"{path}: expected a CLIP model, found model_type {model.model_type!r}")
-  if model.tokenizer_dir is None:
-    raise FileNotFoundError(f"{path}: no tokenizer files; pass tokenizer=PATH")
-  config = CLIPConfig.from_dict(model.config)
-  return CLIP(config), model.variables, ClipTokenizer.from_directory(model.tokenizer_dir), \
-      config.text.context_length
-
-
-def detect_clip_format(path: Path) -> str:
-  """'flax' (our model directory), 'hf' (a CLIPModel directory) or 'openclip' (a single file)."""
-  if path.is_dir():
-    meta = fileio.read_json(path / "config.json",
-                            "config of an HF CLIPModel or agriclip-jax model directory")
-    return "flax" if "format_version" in meta and "config" in meta else "hf"
-  if path.is_file():
-    return "openclip"
-  raise FileNotFoundError(f"CLIP model not found: {path}")
+  loaded = load_clip_model(clip, clip_format, tokenizer)
+  config = CLIPConfig.from_dict(loaded.config)
+  return CLIP(config), loaded.variables, loaded.tokenizer, config.text.context_length
 
 
 def text_embeddings(module, variables, tokenizer, context_length: int, class_names: Sequence[str],
@@ -189,11 +165,10 @@ def run_reference_zeroshot(dino: str | os.PathLike, aligner: str | os.PathLike, 
 
   linear = load_aligner_any(aligner)
   dino_apply, dino_variables, view = load_dino(dino)
-  with tempfile.TemporaryDirectory(prefix="agriclip-clip-") as scratch:
-    clip_module, clip_variables, clip_tokenizer, context_length = load_clip(
-        clip, clip_format, tokenizer, Path(scratch))
-    class_embeddings = text_embeddings(clip_module, clip_variables, clip_tokenizer, context_length,
-                                       class_names, templates)
+  clip_module, clip_variables, clip_tokenizer, context_length = load_clip(clip, clip_format,
+                                                                         tokenizer)
+  class_embeddings = text_embeddings(clip_module, clip_variables, clip_tokenizer, context_length,
+                                     class_names, templates)
   if class_embeddings.shape[1] != linear.out_dim:
     raise ValueError(f"aligner {aligner} maps to {linear.out_dim}-d but CLIP {clip} embeds texts in "
                      f"{class_embeddings.shape[1]}-d")

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from agriclip_jax import evaluation
+
 METHODS = ("clip", "agriclip", "ensemble")
 DEFAULT_LOGIT_SCALE = 100.0
 DEFAULT_EVAL_SALT = "agriclip-eval"
@@ -160,10 +162,16 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray,
   per_class = {name: (float(confusion[i, i] / support[i]) if support[i] else None)
                for i, name in enumerate(names)}
   present = [v for v in per_class.values() if v is not None]
+  top1_correct = ranking[:, 0] == labels
+  top5_correct = np.any(ranking[:, :k] == labels[:, None], axis=1)
   return {
       "num_images": int(num_images),
-      "top1": float(np.mean(ranking[:, 0] == labels)),
-      "top5": float(np.mean(np.any(ranking[:, :k] == labels[:, None], axis=1))),
+      "top1": float(np.mean(top1_correct)),
+      "top5": float(np.mean(top5_correct)),
+      # 95 % percentile-bootstrap intervals over the images (seeded: the same file twice gives the
+      # same interval); `agriclip report` shows them.
+      "top1_interval": evaluation.bootstrap_interval(top1_correct),
+      "top5_interval": evaluation.bootstrap_interval(top5_correct),
       "balanced_accuracy": float(np.mean(present)),
       "per_class": per_class,
       "class_names": names,
@@ -228,11 +236,28 @@ def eval_indices(relative_paths: Sequence[str], eval_fraction: float,
 def evaluate(class_emb: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
              clip_image_embeddings: np.ndarray | None = None, dino_features: np.ndarray | None = None,
              aligner=None, methods: Sequence[str] = METHODS, ensemble_weight: float = 0.5,
-             logit_scale: float = DEFAULT_LOGIT_SCALE) -> dict[str, dict[str, Any]]:
-  """{method: classification metrics} for one task."""
+             logit_scale: float = DEFAULT_LOGIT_SCALE
+             ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+  """({method: classification metrics}, paired differences) for one task.
+
+  The differences compare each method with CLIP on the same images (`method_differences`)."""
   scores = method_scores(class_emb, clip_image_embeddings, dino_features, aligner, methods,
                          ensemble_weight, logit_scale)
-  return {method: classification_metrics(s, labels, class_names) for method, s in scores.items()}
+  metrics = {method: classification_metrics(s, labels, class_names) for method, s in scores.items()}
+  return metrics, method_differences(scores, labels)
+
+
+def method_differences(scores: dict[str, np.ndarray], labels: np.ndarray,
+                       baseline: str = "clip") -> list[dict[str, Any]]:
+  """Top-1 of every other method minus the baseline's, on the same images, with the paired
+  bootstrap interval of the difference: [{"methods": [m, baseline], "top1": {...}}]."""
+  if baseline not in scores:
+    return []
+  labels = np.asarray(labels, np.int64)
+  correct = {m: np.argmax(s, axis=1) == labels for m, s in scores.items()}
+  return [{"methods": [method, baseline],
+           "top1": evaluation.paired_bootstrap_difference(correct[method], correct[baseline])}
+          for method in scores if method != baseline]
 
 
 def suite_means(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -372,8 +372,26 @@ def test_model_name_errors(tiny_openclip_state, tmp_path):
     registry.convert(path, "openclip", tmp_path / "out", "flax", {"model_name": "ViT-Q-99"})
   with pytest.raises(ValueError, match=r"does not match --model-name 'ViT-B-16'.*vision.width: checkpoint 64, ViT-B/16 768"):
     registry.convert(path, "openclip", tmp_path / "out", "flax", {"model_name": "ViT-B-16"})
-  with pytest.raises(ValueError, match="--model-name is required"):
-    registry.convert(path, "openclip", tmp_path / "out", "flax", {})
+
+
+def test_without_a_model_name_the_architecture_follows_openai_build_model(tiny_openclip_state,
+                                                                           tmp_path, capsys):
+  # OpenAI's build_model: vision_heads = vision_width // 64, transformer_heads = width // 64,
+  # QuickGELU; every size from the shapes.
+  path = _save_torch(tiny_openclip_state, tmp_path / "tiny.pt")
+  model = registry.convert(path, "openclip", tmp_path / "out", "flax", {})
+  assert "no --model-name" in capsys.readouterr().err
+  config = CLIPConfig.from_dict(model.config)
+  named = CLIPConfig.from_dict(registry.convert(path, "openclip", tmp_path / "named", "flax",
+                                                {"model_name": "tiny-quickgelu"}).config)
+  width = tiny_openclip_state["visual.conv1.weight"].shape[0]
+  text_width = tiny_openclip_state["token_embedding.weight"].shape[1]
+  assert (config.vision.heads, config.text.heads) == (max(1, width // 64), max(1, text_width // 64))
+  assert config.vision.act == config.text.act == "quick_gelu"
+  for field in ("image_size", "patch_size", "width", "layers", "mlp_dim", "output_dim"):
+    assert getattr(config.vision, field) == getattr(named.vision, field), field
+  for field in ("vocab_size", "context_length", "width", "layers", "mlp_dim", "output_dim"):
+    assert getattr(config.text, field) == getattr(named.text, field), field
 
 
 def test_missing_tokenizer_says_how_to_supply_one(tiny_openclip_state, tmp_path, monkeypatch):

@@ -149,7 +149,7 @@ def test_exports_written_without_torch_load_in_pytorch_and_match_the_flax_models
   from agriclip_jax import align, features
   workdir, _, process = quick_run
   export = workdir / "export"
-  assert "torch is not installed: skipped the reference torch.save layouts" in process.stderr
+  assert "torch is not installed: skipped the reference torch.save layouts" in process.stdout
   assert not (export / "dino_vit.pth").exists() and not (export / "aligner.pth").exists()
   report = (workdir / "report.md").read_text()
   assert "export/dino_vit.safetensors" in report and "export/aligner.safetensors" in report
@@ -190,7 +190,7 @@ def test_the_reference_pth_layouts_come_from_the_command_the_demo_names(quick_ru
 
   from agriclip_jax import cli
   workdir, _, process = quick_run
-  commands = process.stderr.split("After `pip install torch`: ", 1)[1].splitlines()[0].split("; ")
+  commands = process.stdout.split("After `pip install torch`: ", 1)[1].splitlines()[0].split("; ")
   assert len(commands) == 2
   for command in commands:
     words = command.split()
@@ -213,9 +213,12 @@ def test_results_document_averages_tasks_and_keeps_chance():
   rows = []
   for task, k, accs in (("a", 4, (0.5, 0.75, 0.25)), ("b", 2, (1.0, 0.5, 0.5))):
     for method, acc in zip(METHODS, accs):
+      interval = {"accuracy": acc, "low": acc - 0.1, "high": acc + 0.1}
       rows.append({"task": task, "method": method, "kind": "x", "num_classes": k,
-                   "chance": 1.0 / k, "top1": acc, "balanced_accuracy": acc, "num_images": 8})
+                   "chance": 1.0 / k, "top1": acc, "balanced_accuracy": acc, "num_images": 8,
+                   "top1_interval": interval})
   document = demo.results_document(rows)
+  assert document["tasks"]["b"]["interval"]["clip"] == [pytest.approx(0.9), pytest.approx(1.1)]
   assert document["mean"] == pytest.approx({"clip": 0.75, "agriclip": 0.625, "ensemble": 0.375,
                                             "chance": 0.375})
   assert document["tasks"]["a"]["accuracy"] == {"clip": 0.5, "agriclip": 0.75, "ensemble": 0.25}
@@ -310,14 +313,16 @@ def test_bad_inputs_are_named(tmp_path):
 
 
 def test_command_rejects_bad_flags_with_exit_code_2(tmp_path, capsys):
-  import argparse
-  from agriclip_jax.commands import demo as command
-  parser = argparse.ArgumentParser()
-  command.add_arguments(parser)
-  assert command.run(parser.parse_args(["--workdir", str(tmp_path), "--holdout", "1.5"])) == 2
-  assert "--holdout" in capsys.readouterr().err
+  from agriclip_jax import cli
+
+  def demo(*flags: str) -> tuple[int, str]:
+    code = cli.main(["demo", "--workdir", str(tmp_path), *flags])
+    return code, capsys.readouterr().err.strip()
+
+  code, err = demo("--holdout", "1.5")
+  assert code == 2 and err == "agriclip demo: error: --holdout must be in [0, 1), got 1.5"
   # --eval belongs to your own --data; on the generated data it is refused before any work.
-  assert command.run(parser.parse_args(["--workdir", str(tmp_path), "--eval", str(tmp_path)])) == 2
-  assert "--data" in capsys.readouterr().err
-  assert command.run(parser.parse_args(["--workdir", str(tmp_path), "--set", "train.bogus=1"])) == 2
-  assert "train.bogus" in capsys.readouterr().err
+  code, err = demo("--eval", str(tmp_path))
+  assert code == 2 and err.startswith("agriclip demo: error: ") and "--data" in err
+  code, err = demo("--set", "train.bogus=1")
+  assert code == 2 and err.startswith("agriclip demo: error: ") and "train.bogus" in err

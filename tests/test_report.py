@@ -33,7 +33,9 @@ def test_report_files_and_table(tmp_path):
       assert image.size[0] > 100 and image.getextrema() != ((255, 255),) * len(image.getbands())
   text = (tmp_path / "out" / "report.md").read_text()
   row = next(r for r in document["results"] if r["task"] == "beans" and r["method"] == "agriclip")
-  assert f"| beans | agriclip | 30 | {100 * row['top1']:.1f} |" in text
+  interval = row["top1_interval"]  # zero-shot rows carry their bootstrap interval
+  assert (f"| beans | agriclip | 30 | {100 * row['top1']:.1f} [{100 * interval['low']:.1f}, "
+          f"{100 * interval['high']:.1f}] |") in text
   mean_clip = np.mean([r["top1"] for r in document["results"] if r["method"] == "clip"])
   assert f"**{100 * mean_clip:.1f}**" in text
   assert document["mean"]["clip"]["top1"] == pytest.approx(mean_clip)
@@ -71,7 +73,9 @@ def test_zero_shot_tables_show_intervals_and_plots_draw_error_bars(tmp_path):
   interval = row["top1_interval"]
   assert interval["low"] < row["top1"] < interval["high"]
   cell = f"{100 * row['top1']:.1f} [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"
-  assert f"| beans | clip | 30 | {cell} | {100 * row['top5']:.1f} |" in text
+  top5 = row["top5_interval"]  # classification_metrics gives top-5 its interval too
+  top5_cell = f"{100 * row['top5']:.1f} [{100 * top5['low']:.1f}, {100 * top5['high']:.1f}]"
+  assert f"| beans | clip | 30 | {cell} | {top5_cell} |" in text
   assert (f"| beans | agriclip − clip | 30 | {100 * paired['difference']:+.1f} "
           f"[{100 * paired['low']:+.1f}, {100 * paired['high']:+.1f}] |") in text
   # the same accuracies drawn with error bars make another picture; without, the plain bars

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agriclip_jax import align, zeroshot
+from agriclip_jax import align, evaluation, zeroshot
 
 CLASSES = ["Common_Rust", "Gray_Leaf_Spot", "Blight", "Healthy"]
 TEMPLATES = ["a photo of {}.", "a leaf with {}"]
@@ -55,15 +55,17 @@ def test_toy_zero_shot_scores_100_percent_for_all_three_methods():
   null = np.eye(12) - pinv @ aligner.weight
   dino = (targets + 0.3 * rng.normal(size=targets.shape) - aligner.bias) @ pinv.T
   dino = dino + rng.normal(size=dino.shape) @ null.T
-  results = zeroshot.evaluate(class_emb, labels, CLASSES, clip_images, dino, aligner,
-                              ensemble_weight=0.3)
+  results, differences = zeroshot.evaluate(class_emb, labels, CLASSES, clip_images, dino,
+                                           aligner, ensemble_weight=0.3)
   assert set(results) == {"clip", "agriclip", "ensemble"}
   for method, metrics in results.items():
     assert metrics["top1"] == 1.0, method
     assert metrics["top5"] == 1.0 and metrics["balanced_accuracy"] == 1.0
     np.testing.assert_array_equal(metrics["confusion"], np.diag([5] * len(CLASSES)))
   # The same data with shuffled class embeddings must fail: the test can tell right from wrong.
-  wrong = zeroshot.evaluate(class_emb[::-1], labels, CLASSES, clip_images, dino, aligner)
+  assert [d["methods"] for d in differences] == [["agriclip", "clip"], ["ensemble", "clip"]]
+  assert all(d["top1"]["difference"] == 0.0 for d in differences)
+  wrong, _ = zeroshot.evaluate(class_emb[::-1], labels, CLASSES, clip_images, dino, aligner)
   assert all(m["top1"] == 0.0 for m in wrong.values())
 
 
@@ -118,6 +120,26 @@ def test_classification_metrics_against_brute_force():
   assert got["balanced_accuracy"] == pytest.approx(np.mean(per_class))
   assert got["per_class"]["6"] is None
   np.testing.assert_array_equal(got["confusion"], confusion)
+  # The intervals are evaluation.bootstrap_interval of the same per-image correctness.
+  correct = np.array([np.argmax(s) == y for s, y in zip(scores, labels)])
+  assert got["top1_interval"] == evaluation.bootstrap_interval(correct)
+  assert got["top1_interval"]["low"] <= got["top1"] <= got["top1_interval"]["high"]
+  assert got["top1_interval"]["images"] == 50
+
+
+def test_differences_are_paired_bootstraps_of_the_same_images():
+  rng = np.random.default_rng(5)
+  labels = rng.integers(0, 3, size=40)
+  clip = rng.normal(size=(40, 3))
+  better = clip.copy()
+  better[np.arange(40), labels] += 1.0  # right more often than clip, on the same images
+  [difference] = zeroshot.method_differences({"clip": clip, "agriclip": better}, labels)
+  correct_a = np.argmax(better, 1) == labels
+  correct_b = np.argmax(clip, 1) == labels
+  assert difference["methods"] == ["agriclip", "clip"]
+  assert difference["top1"] == evaluation.paired_bootstrap_difference(correct_a, correct_b)
+  assert difference["top1"]["difference"] == pytest.approx(correct_a.mean() - correct_b.mean())
+  assert zeroshot.method_differences({"agriclip": better}, labels) == []
 
 
 def test_retrieval_recall_against_brute_force():

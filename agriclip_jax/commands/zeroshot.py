@@ -100,7 +100,8 @@ def evaluate_entry(entry, models: Models, methods: Sequence[str], ensemble_weigh
                    batch_size: int = 128, cache=None, limit: int | None = None,
                    eval_fraction: float | None = None,
                    retrieval: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """(classification rows, one per method; retrieval rows) for one suite entry."""
+  """(classification rows, one per method; paired differences of each method from CLIP;
+  retrieval rows) for one suite entry."""
   from agriclip_jax import features, tasks
   spec, source = _open_entry_source(entry)
   fraction = entry.eval_fraction if entry.eval_fraction is not None else eval_fraction
@@ -120,39 +121,45 @@ def evaluate_entry(entry, models: Models, methods: Sequence[str], ensemble_weigh
                      f"({encoded.skipped})")
   retrieval_rows = _retrieval_rows(entry, source, encoded, models, methods) if retrieval else []
   if entry.task.kind == "captioned" or (retrieval and encoded.labels.max() < 0):
-    return [], retrieval_rows  # captions without class labels: retrieval only
+    return [], [], retrieval_rows  # captions without class labels: retrieval only
   class_names = _class_names(entry, source)
   if encoded.labels.min() < 0 or encoded.labels.max() >= len(class_names):
     raise ValueError(f"task {entry.task.name!r}: labels {encoded.labels.min()}..{encoded.labels.max()} "
                      f"do not index its {len(class_names)} classes (-1 = a record without a label)")
   prompts_for = tasks.prompt_names(entry.task, class_names)
   class_emb = zeroshot.class_embeddings(prompts_for, entry.task.templates, models.encode_text)
-  results = zeroshot.evaluate(class_emb, encoded.labels, class_names,
+  results, differences = zeroshot.evaluate(class_emb, encoded.labels, class_names,
                               encoded.features.get("clip_image"), encoded.features.get("dino"),
                               models.aligner, methods, ensemble_weight, models.logit_scale)
   common = {"task": entry.task.name, "data": spec, "templates": list(entry.task.templates),
             "prompt_names": prompts_for, "eval_fraction": fraction, "skipped": encoded.skipped,
             "requested_images": int(len(indices))}
-  return [{**common, "method": method, **metrics} for method, metrics in results.items()], retrieval_rows
+  rows = [{**common, "method": method, **metrics} for method, metrics in results.items()]
+  return rows, [{"task": entry.task.name, **d} for d in differences], retrieval_rows
 
 
 def run_suite(entries, models: Models, methods: Sequence[str], **options) -> dict[str, Any]:
   rows: list[dict[str, Any]] = []
+  differences: list[dict[str, Any]] = []
   retrieval_rows: list[dict[str, Any]] = []
   for entry in entries:
-    task_rows, task_retrieval = evaluate_entry(entry, models, methods, **options)
+    task_rows, task_differences, task_retrieval = evaluate_entry(entry, models, methods, **options)
     rows.extend(task_rows)
+    differences.extend(task_differences)
     retrieval_rows.extend(task_retrieval)
     if task_rows:
       print(f"[zeroshot] {entry.task.name}: " + ", ".join(
-          f"{r['method']} {100 * r['top1']:.1f}%" for r in task_rows)
-          + f" on {task_rows[0]['num_images']} images")
+          f"{r['method']} {100 * r['top1']:.1f}% [{100 * r['top1_interval']['low']:.1f}, "
+          f"{100 * r['top1_interval']['high']:.1f}]" for r in task_rows)
+          + f" on {task_rows[0]['num_images']} images (95 % bootstrap intervals)")
     for r in task_retrieval:
       print(f"[zeroshot] {entry.task.name} retrieval ({r['method']}): image->text R@1/5/10 "
             f"{r['image_to_text_R@1']:.3f}/{r['image_to_text_R@5']:.3f}/{r['image_to_text_R@10']:.3f}, "
             f"text->image {r['text_to_image_R@1']:.3f}/{r['text_to_image_R@5']:.3f}/"
             f"{r['text_to_image_R@10']:.3f}")
   document: dict[str, Any] = {"results": rows, "mean": zeroshot.suite_means(rows) if rows else {}}
+  if differences:
+    document["differences"] = differences
   if retrieval_rows:
     document["retrieval"] = retrieval_rows
   return document

@@ -309,8 +309,15 @@ def _shape(state: Mapping[str, np.ndarray], name: str, source: str) -> tuple[int
   return tuple(state[name].shape)
 
 
-def infer_openclip_config(state: Mapping[str, np.ndarray], model_name: str, source: str) -> CLIPConfig:
-  """Sizes from tensor shapes; heads and activation from the named variant (shapes cannot tell)."""
+def infer_openclip_config(state: Mapping[str, np.ndarray], model_name: str | None,
+                          source: str) -> CLIPConfig:
+  """Sizes from tensor shapes; heads and activation from the named variant (shapes cannot tell).
+
+  Without a name, OpenAI's own rule (its `build_model`): 64-wide heads in both towers and
+  QuickGELU, which every OpenAI checkpoint uses; open_clip's exact-GELU models need their name.
+  """
+  if model_name is None:
+    return _openai_config(state, source)
   variant, act = openclip_variant(model_name)
   try:
     reference = clip_config(variant, act=act)
@@ -349,6 +356,28 @@ def infer_openclip_config(state: Mapping[str, np.ndarray], model_name: str, sour
                     init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if "logit_bias" in state else None)
 
 
+def _openai_config(state: Mapping[str, np.ndarray], source: str) -> CLIPConfig:
+  width, _, patch, _ = _shape(state, "visual.conv1.weight", source)
+  positions = _shape(state, "visual.positional_embedding", source)[0]
+  grid = int(round((positions - 1) ** 0.5))
+  if grid * grid + 1 != positions:
+    raise ValueError(f"{source}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
+  vocab, text_width = _shape(state, "token_embedding.weight", source)
+  vision = VisionConfig(
+      image_size=grid * patch, patch_size=patch, width=width, heads=max(1, width // 64),
+      layers=_layer_count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
+      mlp_dim=_shape(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", source)[0],
+      output_dim=_shape(state, "visual.proj", source)[1], act="quick_gelu")
+  text = TextConfig(
+      vocab_size=vocab, context_length=_shape(state, "positional_embedding", source)[0],
+      width=text_width, heads=max(1, text_width // 64),
+      layers=_layer_count(state, r"transformer\.resblocks\.(\d+)\."),
+      mlp_dim=_shape(state, "transformer.resblocks.0.mlp.c_fc.weight", source)[0],
+      output_dim=_shape(state, "text_projection", source)[1], act="quick_gelu")
+  return CLIPConfig(vision=vision, text=text,
+                    init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if "logit_bias" in state else None)
+
+
 def _unwrap_openclip_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Drops DataParallel's `module.` prefix and OpenAI's non-weight entries; scalars become 0-d."""
   if all(name.startswith("module.") for name in state):
@@ -369,11 +398,11 @@ def _load_openclip_state(path: Path, allow_torchscript: bool) -> dict[str, np.nd
 
 def read_openclip(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
   """An open_clip / OpenAI-layout state dict (.pt, .bin, .safetensors) -> a CLIP model."""
-  model_name = options.get("model_name")
-  if not model_name:
-    raise ValueError("--model-name is required with --src-format openclip (e.g. ViT-B-16 for exact "
-                     "GELU, ViT-B-16-quickgelu for OpenAI weights): a state dict does not record its "
-                     "activation or number of heads")
+  model_name = options.get("model_name") or None
+  if model_name is None:
+    print(f"notice: {src}: no --model-name, so the architecture is read from the tensor shapes as "
+          f"OpenAI's build_model does (64-wide heads, QuickGELU); pass --model-name ViT-B-16 for "
+          f"an open_clip model trained with exact GELU", file=sys.stderr)
   src = Path(src)
   if not src.is_file():
     raise FileNotFoundError(f"open_clip weights file {src} not found")
