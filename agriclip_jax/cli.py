@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "zeroshot": ("agriclip_jax.commands.zeroshot", "zero-shot classification on downstream tasks"),
     "knn": ("agriclip_jax.commands.knn", "DINO's weighted kNN accuracy of image features (train vs test source)"),
     "probe": ("agriclip_jax.commands.probe", "linear probe and few-shot (probe, class centroids) on image features"),
+    "predict": ("agriclip_jax.commands.predict", "labels for your photos from a list of class names (zero-shot)"),
     "report": ("agriclip_jax.commands.report", "markdown tables and PNG plots from zeroshot, knn or probe results"),
     "convert": ("agriclip_jax.commands.convert", "convert weights between flax, HF, open_clip and DINO layouts"),
 }

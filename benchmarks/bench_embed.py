@@ -73,16 +73,20 @@ def photo_paths(count: int) -> list[Path]:
 def bench(name: str, batch: int, images: int, repeats: int, threads: int) -> None:
   import jax
   import torch
-  from agriclip_jax import model_io
-  from agriclip_jax.commands import embed
+  from agriclip_jax import api, features, model_io
+  from input_pipeline.transforms import load_eval_image
 
   model = hf_clip(name)
   config, variables = port(model)
   size = config["vision"]["image_size"]
   spec = model_io.preprocess_for("clip", config)
   paths = photo_paths(images)
-  pixels = np.stack([embed.load_pixels(p, spec) for p in paths[:batch]])
-  jax_forward = embed.image_feature_fn("clip", config)
+
+  def load(path):
+    return load_eval_image(path.read_bytes(), spec, str(path))
+
+  pixels = np.stack([load(p) for p in paths[:batch]])
+  jax_forward = jax.jit(features.image_features_fn("clip", config))
   torch_pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
 
   def run_jax():
@@ -100,14 +104,21 @@ def bench(name: str, batch: int, images: int, repeats: int, threads: int) -> Non
   print(f"embed_{name}_forward_ratio_jax_over_torch: {torch_s / jax_s:.2f} x ({details})")
 
   def torch_path():
-    def torch_fn(_, batch_pixels):
+    outputs = []
+    for start in range(0, len(paths), batch):
+      tensor = torch.from_numpy(np.stack([load(p) for p in paths[start:start + batch]])
+                                .transpose(0, 3, 1, 2).copy())
       with torch.no_grad():
-        tensor = torch.from_numpy(batch_pixels.transpose(0, 3, 1, 2).copy())
-        return model.get_image_features(pixel_values=tensor).pooler_output.numpy()
-    return embed.run_batched(torch_fn, None, paths, batch, lambda p: embed.load_pixels(p, spec), "torch")
+        outputs.append(model.get_image_features(pixel_values=tensor).pooler_output.numpy())
+    return np.concatenate(outputs)
+
+  # The path `agriclip embed` and the Python API take: decode + view threads, one compiled forward.
+  image = features.spec_encoder("clip_image", name, spec, features.image_features_fn("clip", config),
+                                variables)
+  ours = api.Model(clip=features.ClipEncoders(image, None, 100.0), batch_size=batch)
 
   def jax_path():
-    return embed.run_batched(jax_forward, variables, paths, batch, lambda p: embed.load_pixels(p, spec), "jax")
+    return ours.image_features(paths, "clip")
 
   jax_s, torch_s = timed(jax_path, 1), timed(torch_path, 1)
   details = (f"{len(paths)} corn photos decoded + eval view + forward, batch {batch}, {size}px, "

@@ -36,3 +36,39 @@ def test_converting_nan_weights_warns_naming_the_tensors(tmp_path, capsys):
   assert f"warning: {src}: 1 tensor(s) hold NaN or infinite values: params/kernel" in err
   assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
   assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "linear_aligner"
+
+
+def test_read_only_outputs_fail_before_any_compute(tmp_path, capsys, monkeypatch):
+  # embed, align and zeroshot check --out before they load a model or encode an image: the error
+  # comes at once, names the folder, and nothing is computed (the encoders are never reached).
+  import subprocess
+
+  import pytest
+  from agriclip_jax import api, features
+  if os.geteuid() != 0:
+    pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
+  mount = tmp_path / "ro"
+  mount.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=True)
+  try:
+    def no_compute(*args, **kwargs):
+      raise AssertionError("computed before checking the output")
+    monkeypatch.setattr(api, "load", no_compute)
+    monkeypatch.setattr(features, "encode_source", no_compute)
+    photos = tmp_path / "photos" / "rust"
+    photos.mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(b"x")
+    commands = {
+        "embed": ["--model", str(tmp_path), "--images", str(tmp_path / "photos"),
+                  "--out", str(mount / "e.npz")],
+        "align": ["--dino", str(tmp_path), "--model", str(tmp_path), "--data", str(tmp_path),
+                  "--out", str(mount / "a.safetensors")],
+        "zeroshot": ["--model", str(tmp_path), "--data", str(tmp_path / "photos"),
+                     "--template", "a photo of {}.", "--out", str(mount / "r.json")],
+    }
+    for name, flags in commands.items():
+      assert cli.main([name, *flags]) == 2, name
+      err = capsys.readouterr().err.strip()
+      assert err.startswith(f"agriclip {name}: error: {mount}: Read-only file system"), err
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)

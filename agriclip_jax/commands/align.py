@@ -12,7 +12,6 @@ metrics (MSE, R^2 on the fitting and held-out splits) are printed and saved next
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -102,23 +101,27 @@ def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndar
 
 
 def run(args: argparse.Namespace) -> int:
-  from agriclip_jax import align
+  from agriclip_jax import align, fileio
+  # Both outputs checked before any feature is computed: a read-only folder fails now.
+  fileio.check_writable(args.out)
+  metrics_path = fileio.check_writable(
+      args.metrics_out or args.out.with_name(args.out.name + ".metrics.json"))
 
   have_arrays = args.dino_features is not None or args.clip_features is not None
   have_models = any(v is not None for v in (args.dino, args.model, args.data))
   if have_arrays == have_models:
-    raise SystemExit("agriclip align: give either --dino-features X.npy --clip-features Y.npy, "
+    raise ValueError("give either --dino-features X.npy --clip-features Y.npy, "
                      "or --dino PATH --model DIR --data SOURCE")
   if have_arrays:
     if args.dino_features is None or args.clip_features is None:
-      raise SystemExit("agriclip align: --dino-features and --clip-features go together")
+      raise ValueError("--dino-features and --clip-features go together")
     x = _load_npy(args.dino_features, "--dino-features")
     y = _load_npy(args.clip_features, "--clip-features")
     align.check_paired(x, y, (f"--dino-features {args.dino_features}",
                               f"--clip-features {args.clip_features}"))
   else:
     if None in (args.dino, args.model, args.data):
-      raise SystemExit("agriclip align: --dino, --model and --data go together")
+      raise ValueError("--dino, --model and --data go together")
     x, y, provenance = _features_from_models(args)
 
   start = time.perf_counter()
@@ -138,8 +141,7 @@ def run(args: argparse.Namespace) -> int:
   if not have_arrays:
     metadata.update(provenance)  # zero-shot checks its models and pooling against these
   align.save_aligner(result.aligner, args.out, metadata=metadata)
-  metrics_path = args.metrics_out or args.out.with_name(args.out.name + ".metrics.json")
-  metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
+  fileio.atomic_write_json(metrics_path, summary, indent=2)
   print(f"[align] {result.method}: {x.shape[1]} -> {y.shape[1]} on {x.shape[0]} rows in {seconds:.2f}s"
         + (f", ridge {result.ridge:g}" if result.method == "exact" else ""))
   for split, values in result.metrics.items():

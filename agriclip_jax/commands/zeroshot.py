@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agriclip_jax import zeroshot
+from agriclip_jax import fileio, zeroshot
 
 
 @dataclasses.dataclass
@@ -168,13 +167,13 @@ def run_suite(entries, models: Models, methods: Sequence[str], **options) -> dic
 def load_models(args: argparse.Namespace, methods: Sequence[str]) -> Models:
   from agriclip_jax import features
   if args.model is None:
-    raise SystemExit("agriclip zeroshot: --model (a CLIP model directory) is required: its text "
+    raise ValueError("--model (a CLIP model directory) is required: its text "
                      "tower embeds the class prompts")
   clip = features.clip_model_encoders(args.model, args.batch_size)
   models = Models(clip.encode_text, clip_image=clip.image, logit_scale=clip.logit_scale)
   if any(m in ("agriclip", "ensemble") for m in methods):
     if args.dino is None or args.aligner is None:
-      raise SystemExit(f"agriclip zeroshot: method(s) {list(methods)} need --dino and --aligner")
+      raise ValueError(f"method(s) {list(methods)} need --dino and --aligner")
     from agriclip_jax import align
     models.aligner = features.load_aligner_any(args.aligner)
     recorded = align.read_aligner_metadata(args.aligner) if Path(args.aligner).is_file() else {}
@@ -223,17 +222,17 @@ def entries_from_args(args: argparse.Namespace):
   from agriclip_jax import tasks
   if args.suite is not None:
     if args.task or args.template or args.data:
-      raise SystemExit("agriclip zeroshot: --suite lists its own tasks; drop --task/--template/--data")
+      raise ValueError("--suite lists its own tasks; drop --task/--template/--data")
     return tasks.load_suite(args.suite)
   if args.task is None and not args.template and args.retrieval and args.data:
     return [tasks.SuiteEntry(tasks.Task(Path(str(args.data)).stem, (tasks.FALLBACK_TEMPLATE,),
                                         "captioned"), args.data)]
   if args.task is None and not args.template:
-    raise SystemExit("agriclip zeroshot: give --task NAME, or --data DIR with --template, or --suite "
+    raise ValueError("give --task NAME, or --data DIR with --template, or --suite "
                      "FILE (or --data MANIFEST --retrieval for captioned data without labels)")
   task = tasks.resolve_task(args.task, args.template, args.data)
   if task.kind != "tfds" and args.data is None:
-    raise SystemExit(f"agriclip zeroshot: task {task.name!r} needs --data (its ImageFolder)")
+    raise ValueError(f"task {task.name!r} needs --data (its ImageFolder)")
   if task.kind == "imagefolder" or (task.kind == "reference" and args.data):
     tasks.imagefolder_classes(args.data)  # clear errors for empty class folders before any model loads
   return [tasks.SuiteEntry(task, args.data, task.split, None)]
@@ -259,8 +258,7 @@ def run_released_bundle(args: argparse.Namespace) -> int:
   document["config"] = {"dino": str(args.dino), "aligner": str(args.aligner), "clip": str(args.clip),
                         "data": str(args.data), "task": args.task, "template": args.template,
                         "recipe": "reference"}
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(document, indent=2) + "\n")
+  fileio.atomic_write_json(args.out, document, indent=2)
   print(f"[zeroshot] reference recipe: top-1 {100 * result.accuracy:.2f}% on {len(result.labels)} "
         f"images ({len(result.skipped)} unreadable, listed in {args.out})")
   return 0
@@ -268,6 +266,7 @@ def run_released_bundle(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
   from agriclip_jax import features
+  fileio.check_writable(args.out)  # a read-only or wrong --out fails now, not after the compute
   if args.clip is not None:
     if args.model is not None:
       raise ValueError("give either --model (our pipeline) or --clip (the reference recipe), not both")
@@ -282,8 +281,7 @@ def run(args: argparse.Namespace) -> int:
   document["config"] = {"model": str(args.model), "dino": str(args.dino), "aligner": str(args.aligner),
                         "methods": list(methods), "ensemble_weight": args.ensemble_weight,
                         "eval_fraction": args.eval_fraction, "limit": args.limit}
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(document, indent=2) + "\n")
+  fileio.atomic_write_json(args.out, document, indent=2)
   for method, mean in document["mean"].items():
     print(f"[zeroshot] mean over {mean['tasks']} task(s), {method}: top-1 {100 * mean['top1']:.2f}%, "
           f"balanced {100 * mean['balanced_accuracy']:.2f}%")
