@@ -60,12 +60,23 @@ def fingerprint_path(path: str | os.PathLike) -> str:
   return fingerprint(str(root), entries)
 
 
-def data_fingerprint(spec: str | os.PathLike, num_records: int) -> str:
-  """A data source by its files (local paths) or by its spec and size (tfds:NAME[:SPLIT])."""
+def data_fingerprint(spec: str | os.PathLike, source) -> str:
+  """A data source by its files: a folder or shard files by their names, sizes and modification
+  times; a manifest (CSV / JSONL) by its own bytes' stamp and that of every image it lists, so
+  that rewriting an image invalidates cached features; tfds:NAME[:SPLIT] by its spec and size."""
   text = str(spec)
-  if not text.startswith("tfds:") and Path(text).exists():
-    return fingerprint_path(text)
-  return fingerprint(text, num_records)
+  if text.startswith("tfds:") or not Path(text).exists():
+    return fingerprint(text, len(source))
+  listed = []
+  if Path(text).is_file() and callable(getattr(source, "entry", None)):
+    for index in range(len(source)):
+      path = source.entry(index)["path"]
+      try:
+        stat = os.stat(path)
+        listed.append((str(path), stat.st_size, stat.st_mtime_ns))
+      except OSError:
+        listed.append((str(path), None, None))  # missing: counted as a bad record when read
+  return fingerprint(fingerprint_path(text), listed)
 
 
 def record_keys(source) -> list[str]:

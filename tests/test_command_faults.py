@@ -72,3 +72,24 @@ def test_read_only_outputs_fail_before_any_compute(tmp_path, capsys, monkeypatch
       assert err.startswith(f"agriclip {name}: error: {mount}: Read-only file system"), err
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_the_feature_cache_key_follows_the_images_a_manifest_lists(tmp_path):
+  # The manifest's bytes stay the same while an image it lists is rewritten: the key must change,
+  # or --cache would hand back the features (and a bit-identical aligner) of the old image.
+  from PIL import Image
+
+  from agriclip_jax import features
+  from input_pipeline.sources import open_source
+  for i in range(2):
+    Image.new("RGB", (32, 32), (40 * i, 90, 30)).save(tmp_path / f"leaf{i}.jpg")
+  manifest = tmp_path / "data.jsonl"
+  manifest.write_text("".join(json.dumps({"image": f"leaf{i}.jpg", "captions": ["a leaf"]}) + "\n"
+                              for i in range(2)))
+  before = features.data_fingerprint(manifest, open_source(manifest))
+  assert features.data_fingerprint(manifest, open_source(manifest)) == before  # stable
+  manifest_bytes = manifest.read_bytes()
+  Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "leaf1.jpg")
+  os.utime(tmp_path / "leaf1.jpg", ns=(1, 1))  # even with another mtime only the stamp differs
+  assert manifest.read_bytes() == manifest_bytes
+  assert features.data_fingerprint(manifest, open_source(manifest)) != before

@@ -89,7 +89,7 @@ def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndar
   clip = features.clip_model_encoders(args.model, args.batch_size)
   dino = features.dino_model_encoder(args.dino, pooling=args.dino_pooling)
   cache = features.FeatureCache(args.cache) if args.cache else None
-  data_print = features.data_fingerprint(args.data, len(source))
+  data_print = features.data_fingerprint(args.data, source)
   encoded = features.encode_source(source, indices, [dino, clip.image], args.batch_size,
                                    cache=cache, data_fingerprint=data_print, desc="align features")
   provenance = {"dino_pooling": dino.pooling, "dino_model": str(args.dino),

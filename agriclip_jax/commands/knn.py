@@ -106,7 +106,7 @@ def labelled_features(spec: str, encoders, aligner, kinds, batch_size: int, cach
   if len(source) == 0:
     raise ValueError(f"{spec}: no images")
   encoded = features.encode_source(source, np.arange(len(source)), encoders, batch_size, cache=cache,
-                                   data_fingerprint=features.data_fingerprint(spec, len(source)),
+                                   data_fingerprint=features.data_fingerprint(spec, source),
                                    desc=str(spec))
   if len(encoded.indices) == 0:
     raise ValueError(f"{spec}: none of its {len(source)} images could be decoded ({encoded.skipped})")

@@ -113,7 +113,7 @@ def evaluate_entry(entry, models: Models, methods: Sequence[str], ensemble_weigh
         n for n, e, needed in (("a CLIP model (--model)", models.clip_image, need_clip),
                                ("a DINO model (--dino)", models.dino, need_dino)) if needed and e is None))
   encoded = features.encode_source(source, indices, encoders, batch_size, cache=cache,
-                                   data_fingerprint=features.data_fingerprint(spec, len(source)),
+                                   data_fingerprint=features.data_fingerprint(spec, source),
                                    desc=entry.task.name)
   if len(encoded.indices) == 0:
     raise ValueError(f"task {entry.task.name!r}: none of the {len(indices)} images could be decoded "
