@@ -156,6 +156,10 @@ def prompt_names(task: Task, class_names: list[str] | tuple[str, ...]) -> list[s
 def imagefolder_classes(root: str | os.PathLike) -> list[str]:
   """Sorted class folder names of an ImageFolder tree; every class folder must hold an image."""
   root = Path(root)
+  if root.is_file():
+    raise ValueError(f"{root} is a file, not an ImageFolder: a task given by --template reads its "
+                     f"class names from the class folders of a directory (DIR/<class>/<image>); "
+                     f"for a manifest with labels, list it in a --suite with its class names")
   if not root.is_dir():
     raise FileNotFoundError(f"ImageFolder root not found: {root}")
   classes = sorted(entry.name for entry in root.iterdir()

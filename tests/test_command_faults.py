@@ -93,3 +93,40 @@ def test_the_feature_cache_key_follows_the_images_a_manifest_lists(tmp_path):
   os.utime(tmp_path / "leaf1.jpg", ns=(1, 1))  # even with another mtime only the stamp differs
   assert manifest.read_bytes() == manifest_bytes
   assert features.data_fingerprint(manifest, open_source(manifest)) != before
+
+
+def test_zeroshot_with_a_manifest_where_a_folder_goes_says_so(tmp_path, capsys):
+  manifest = tmp_path / "field.jsonl"
+  manifest.write_text(json.dumps({"image": "a.jpg", "captions": ["a leaf"]}) + "\n")
+  code = cli.main(["zeroshot", "--model", str(tmp_path), "--data", str(manifest),
+                   "--template", "a photo of {}.", "--out", str(tmp_path / "r.json")])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and err.startswith(f"agriclip zeroshot: error: {manifest} is a file, not an "
+                                      f"ImageFolder")
+  assert "not found" not in err and not (tmp_path / "r.json").exists()
+
+
+def test_embed_reads_an_hf_clip_directory(tmp_path):
+  # Used to stop with "missing key 'config'": the loader now tells an HF CLIPModel directory from
+  # ours and converts it in memory.
+  from agriclip_jax.convert import registry
+  from agriclip_jax import model_io
+  from agriclip_jax.models.configs import clip_config
+  from agriclip_jax.tokenizer import installed_openai_bpe, load_tokenizer
+  from PIL import Image
+  import pytest
+  bpe = installed_openai_bpe()
+  if bpe is None:
+    pytest.skip("open_clip_torch (the OpenAI BPE file) is not installed")
+  config = clip_config("tiny")
+  ours = model_io.save_model_dir(tmp_path / "ours", "clip", config.to_dict(),
+                                 model_io.init_variables("clip", config.to_dict()),
+                                 load_tokenizer(bpe).save(tmp_path / "tok"))
+  registry.convert(ours, "flax", tmp_path / "hf", "hf")
+  (tmp_path / "photos").mkdir()
+  Image.new("RGB", (50, 40), (30, 120, 40)).save(tmp_path / "photos" / "leaf.jpg")
+  for name in ("ours", "hf"):
+    assert cli.main(["embed", "--model", str(tmp_path / name), "--images", str(tmp_path / "photos"),
+                     "--out", str(tmp_path / f"{name}.npz")]) == 0
+  with np.load(tmp_path / "ours.npz") as a, np.load(tmp_path / "hf.npz") as b:
+    np.testing.assert_allclose(a["image_embeddings"], b["image_embeddings"], atol=1e-5)
