@@ -150,3 +150,30 @@ def test_both_passes_draw_the_same_drop_path_masks():
           vision=dataclasses.replace(clip_config.vision, drop_path_rate=0.0)))),
       mesh, s, b, rng))(state, batch)[3]["clip"])
   assert max(float(np.max(np.abs(plain[n] - expected[n]))) for n in expected) > 1e-4
+
+
+def test_agriclip_train_logs_the_same_losses_with_accumulate_steps_4(tmp_path):
+  # Through the command a user types: the tiny contrastive run with accumulate_steps=4 logs the
+  # losses of accumulate_steps=1 (plain SGD, so that equal gradients give equal parameters).
+  import json
+  import os
+  import subprocess
+  repo = Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(repo))
+  logged = {}
+  for k in (1, 4):
+    workdir = tmp_path / f"k{k}"
+    process = subprocess.run(
+        [sys.executable, "-m", "agriclip_jax", "train", "--config", f"{repo}/configs/tiny.py:contrastive",
+         "--workdir", str(workdir), "--config.total_steps=4", "--config.log_every_steps=1",
+         "--config.checkpoint_every_steps=4", "--config.clip.layers=1", "--config.batch_size=16",
+         "--config.tensorboard=False", f"--config.accumulate_steps={k}",
+         "--config.clip.optimizer.name=sgd", "--config.clip.optimizer.momentum=0.0"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged[k] = [line["loss"] for line in lines if "loss" in line]
+  assert len(logged[1]) == 4
+  np.testing.assert_allclose(logged[4], logged[1], rtol=1e-5, atol=1e-6)
+  assert len(set(np.round(logged[1], 6))) > 1  # the loss moved: these are not four copies
