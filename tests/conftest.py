@@ -11,8 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_CORN = REPO_ROOT.parent / "shared" / "data" / "corn"  # 4,185 photos, beside the checkout
-VENDORED_CORN = REPO_ROOT / "tests" / "data" / "corn"       # 12 of them, in the repository
+CORN_DIR = REPO_ROOT.parent / "shared" / "data" / "corn"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,12 +25,9 @@ def _jax_precision():
 
 @pytest.fixture(scope="session")
 def corn_dir() -> Path:
-  """Real maize photos (ImageFolder: lab/ and field/): the shared set when it is beside the
-  checkout, else the vendored subset, so that a clone on its own runs every photo test."""
-  for root in (SHARED_CORN, VENDORED_CORN):
-    if root.is_dir():
-      return root
-  pytest.skip(f"real photos found neither at {SHARED_CORN} nor at {VENDORED_CORN}")
+  if not CORN_DIR.is_dir():
+    pytest.skip(f"real photos not found at {CORN_DIR}")
+  return CORN_DIR
 
 
 # ------------------------------------------------------------------------------------------------
