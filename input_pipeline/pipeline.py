@@ -327,6 +327,7 @@ def make_train_dataset(
     checks: RecordChecks = RecordChecks(),
     max_bad_fraction: float | None = 0.01,
     min_records_for_check: int = 200,
+    augment_on: Literal["host", "device"] = "host",
 ) -> grain.IterDataset:
   """The training input: a Grain IterDataset of per-process batches (global_batch / process_count).
 
@@ -346,6 +347,11 @@ def make_train_dataset(
   # Each process takes every process_count-th element: disjoint, and balanced across processes.
   examples = examples[process_index::process_count]
   transform = TrainTransform(kind, checks, ClipViewConfig(image_size, tuple(clip_scale)), multicrop, tokenize)
+  if augment_on == "device":  # uint8 canvas + plans drawn alike; input_pipeline/device_augment renders them
+    from input_pipeline.host_decode import DeviceTrainTransform
+    transform = DeviceTrainTransform(kind, checks, transform.clip_view, multicrop, tokenize)
+  elif augment_on != "host":
+    raise ValueError(f"augment_on must be 'host' or 'device', got {augment_on!r}")
   dataset = examples.random_map(transform).to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * local_batch, 8)))
   dataset = _worker_processes(dataset, num_workers)

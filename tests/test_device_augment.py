@@ -332,19 +332,29 @@ def test_decode_size_follows_the_largest_crop():
   assert hd.decode_config_for("contrastive", CLIP_VIEW, transforms.MultiCropConfig()) == hd.HostDecodeConfig(74, 111)
 
 
+class _Records:
+  def __init__(self, records):
+    self.records = records
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index):
+    return self.records[index]
+
+
 def test_grain_batches_become_the_steps_arrays_on_the_mesh(photos):
-  """Records -> DeviceTrainTransform in Grain -> the pipeline's skip-and-count batching -> global
+  """Records -> make_train_dataset(augment_on="device") -> skip-and-count batching -> global
   arrays on an 8-device mesh -> the loop's renderer: the dino step's keys, shapes and layout."""
-  import grain
   from agriclip_jax.train import config as config_lib, sharding
   from input_pipeline import pipeline
   records = [{"image_bytes": data, "captions": ["a leaf"], "label": i % 3, "path": f"leaf_{i}.jpg"}
              for i, data in enumerate(photos[:8])]
   records.insert(3, {"image_bytes": b"<html>404</html>", "captions": ["x"], "label": 0, "path": "bad.jpg"})
-  transform = hd.DeviceTrainTransform("dino", pipeline.RecordChecks(), CLIP_VIEW, MULTICROP, None)
-  examples = grain.MapDataset.source(records).seed(0).random_map(transform).to_iter_dataset()
-  batches = iter(pipeline.SkipBatchDataset(examples, 8, {}, max_bad_fraction=None,
-                                           min_records_for_check=1))
+  source = _Records(records)  # one random-access source (a list would be a list of sources)
+  batches = iter(pipeline.make_train_dataset(source, kind="dino", global_batch_size=8, seed=0,
+                                             multicrop=MULTICROP, shuffle=False, max_bad_fraction=None,
+                                             augment_on="device"))
   host_batch = next(batches)
   assert dict(batches.bad_records.counts) == {"not_an_image": 1}
   assert host_batch["pixels"].dtype == np.uint8 and host_batch["global_plan/box"].shape == (8, 2, 4)
@@ -360,3 +370,9 @@ def test_grain_batches_become_the_steps_arrays_on_the_mesh(photos):
   assert batch["global_crops"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 5)
   config.data.augment_on = "host"
   assert da.make_batch_augment(config, mesh)(host_batch) is host_batch
+
+
+def test_make_train_dataset_names_a_bad_augment_on():
+  from input_pipeline import pipeline
+  with pytest.raises(ValueError, match="augment_on must be 'host' or 'device', got 'gpu'"):
+    pipeline.make_train_dataset(_Records([{}]), kind="dino", global_batch_size=1, seed=0, augment_on="gpu")
