@@ -376,3 +376,41 @@ def test_make_train_dataset_names_a_bad_augment_on():
   from input_pipeline import pipeline
   with pytest.raises(ValueError, match="augment_on must be 'host' or 'device', got 'gpu'"):
     pipeline.make_train_dataset(_Records([{}]), kind="dino", global_batch_size=1, seed=0, augment_on="gpu")
+
+
+def test_agriclip_train_renders_views_on_the_device_when_asked(tmp_path):
+  # Through the command: a tiny contrastive run on real photos with data.augment_on=device (the
+  # views rendered by the jitted renderer in the loop) and =host (PIL) from the same seed. The two
+  # paths agree to a few uint8 levels, so the first losses agree closely but not exactly.
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from agriclip_jax.tokenizer import installed_openai_bpe
+  bpe = installed_openai_bpe()
+  if bpe is None:
+    pytest.skip("open_clip_torch (the OpenAI BPE file) is not installed")
+  repo = Path(__file__).resolve().parents[1]
+  photos = sorted((repo / "tests" / "data" / "corn").rglob("*.jpg"))
+  manifest = tmp_path / "corn.jsonl"
+  manifest.write_text("".join(json.dumps({"image": str(p), "captions": [f"a {p.parent.name} leaf"]})
+                              + "\n" for p in photos))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(repo))
+  losses = {}
+  for placement in ("device", "host"):
+    workdir = tmp_path / placement
+    process = subprocess.run(
+        [sys.executable, "-m", "agriclip_jax", "train", "--config",
+         f"{repo}/configs/tiny.py:contrastive", "--workdir", str(workdir),
+         f"--config.data.source={manifest}", f"--config.data.tokenizer={bpe}",
+         "--config.clip.vocab_size=49408", f"--config.data.augment_on={placement}",
+         "--config.total_steps=2", "--config.log_every_steps=1", "--config.batch_size=4",
+         "--config.clip.layers=1", "--config.tensorboard=False"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses[placement] = [line["loss"] for line in lines if "loss" in line]
+  assert len(losses["device"]) == 2
+  np.testing.assert_allclose(losses["device"], losses["host"], rtol=2e-2)

@@ -97,7 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
       local_crop_size=96, n_local_crops=8,
       # RandomResizedCrop area fractions: DINO's ViT recipe; the ResNet recipe uses (0.14, 1) and
       # (0.05, 0.14).
-      global_crop_scale=(0.4, 1.0), local_crop_scale=(0.05, 0.4), num_workers=0, tokenizer=ml_collections.config_dict.
+      global_crop_scale=(0.4, 1.0), local_crop_scale=(0.05, 0.4), num_workers=0,
+      # where the augmentation is rendered: auto (the device on GPU / TPU, PIL on the host on CPU),
+      # device (input_pipeline/device_augment.py, inside jit) or host (the PIL reference)
+      augment_on="auto", tokenizer=ml_collections.config_dict.
       placeholder(str), weights=ml_collections.config_dict.placeholder(tuple)))
   c.clip = ml_collections.ConfigDict(dict(
       variant="ViT-B/16", init_from=ml_collections.config_dict.placeholder(str),
@@ -142,6 +145,9 @@ def validate_config(config: Any, n_devices: int, process_count: int = 1) -> None
   for key in ("image_size", "global_crop_size", "local_crop_size", "context_length",
               "toy_records"):
     _positive(config.data, key, "config.data")
+  if config.data.get("augment_on", "auto") not in ("auto", "device", "host"):
+    raise ValueError(f"config.data.augment_on={config.data.augment_on!r}; expected 'auto', "
+                     f"'device' or 'host'")
   data, fsdp = mesh_shape(config.mesh.data, config.mesh.fsdp, n_devices)
   n_devices = data * fsdp  # the devices the mesh uses
   micro_batch = config.batch_size // config.accumulate_steps

@@ -50,7 +50,7 @@ def make_dataset(config: Any, process_index: int, process_count: int) -> tuple[A
                                process_index=process_index, process_count=process_count)
     return dataset, max(d.toy_records // config.batch_size, 1)
   # Real data goes through the project's input pipeline (imported only here).
-  from input_pipeline import pipeline, sources, transforms
+  from input_pipeline import device_augment, pipeline, sources, transforms
   specs = list(d.source) if isinstance(d.source, (list, tuple)) else [d.source]
   opened = [sources.open_source(spec) for spec in specs]
   tokenize = None
@@ -72,7 +72,9 @@ def make_dataset(config: Any, process_index: int, process_count: int) -> tuple[A
       opened if len(opened) > 1 else opened[0], kind=config.kind,
       global_batch_size=config.batch_size, seed=config.seed, tokenize=tokenize,
       image_size=d.image_size, multicrop=multicrop, weights=d.get("weights"),
-      num_workers=d.num_workers, process_index=process_index, process_count=process_count)
+      num_workers=d.num_workers, process_index=process_index, process_count=process_count,
+      augment_on=device_augment.resolve_augment_on(d.get("augment_on", "auto"), d.source,
+                                                   jax.default_backend()))
   records = sum(len(s) for s in opened)
   return dataset, max(records // config.batch_size, 1)
 
@@ -297,6 +299,10 @@ def _run_steps(config, state, start_step, mesh, shardings, task, data_iterator, 
                writer, preemption, stop_after_steps, workdir) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   step_fn = steps_lib.jit_train_step(task, mesh, shardings, config.fast_compile)
+  # Host views pass through; with data.augment_on = device the views are rendered here, jitted
+  # beside the step, from the uint8 canvases and crop plans the input pipeline ships.
+  from input_pipeline.device_augment import make_batch_augment
+  augment = make_batch_augment(config, mesh)
   total = config.total_steps
   last: dict[str, Any] = {}
   window_start, window_steps = time.perf_counter(), 0
@@ -304,7 +310,7 @@ def _run_steps(config, state, start_step, mesh, shardings, task, data_iterator, 
 
   step = start_step
   while step < total:
-    batch = to_global_batch(next(data_iterator), mesh)
+    batch = augment(to_global_batch(next(data_iterator), mesh))
     state, metrics = step_fn(state, batch)
     step += 1
     window_steps += 1
