@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,10 @@ def quiet_save_tracebacks() -> None:
   if os.environ.get("AGRICLIP_DEBUG"):
     return
   _install_unraisable_filter()
+  # The write coroutines of a save that failed, still pending when the interpreter exits: Python
+  # warns once per coroutine ("... was never awaited") after the one-line error was printed.
+  warnings.filterwarnings("ignore", message=r"coroutine '.*write_fragment' was never awaited",
+                          category=RuntimeWarning)
   for name, kind in (("absl", _DropOrbaxTracebacks), ("asyncio", _DropUnretrievedSaveErrors)):
     logger = logging.getLogger(name)
     if not any(isinstance(f, kind) for f in logger.filters):
