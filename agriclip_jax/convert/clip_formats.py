@@ -309,6 +309,28 @@ def _shape(state: Mapping[str, np.ndarray], name: str, source: str) -> tuple[int
   return tuple(state[name].shape)
 
 
+def _sizes_from_shapes(state: Mapping[str, np.ndarray], source: str
+                       ) -> tuple[dict[str, int], dict[str, int]]:
+  """(vision sizes, text sizes) that the tensor shapes tell: everything but heads and activation."""
+  width, _, patch, _ = _shape(state, "visual.conv1.weight", source)
+  positions = _shape(state, "visual.positional_embedding", source)[0]
+  grid = int(round((positions - 1) ** 0.5))
+  if grid * grid + 1 != positions:
+    raise ValueError(f"{source}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
+  vocab, text_width = _shape(state, "token_embedding.weight", source)
+  vision = dict(
+      image_size=grid * patch, patch_size=patch, width=width,
+      layers=_layer_count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
+      mlp_dim=_shape(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", source)[0],
+      output_dim=_shape(state, "visual.proj", source)[1])
+  text = dict(
+      vocab_size=vocab, context_length=_shape(state, "positional_embedding", source)[0],
+      width=text_width, layers=_layer_count(state, r"transformer\.resblocks\.(\d+)\."),
+      mlp_dim=_shape(state, "transformer.resblocks.0.mlp.c_fc.weight", source)[0],
+      output_dim=_shape(state, "text_projection", source)[1])
+  return vision, text
+
+
 def infer_openclip_config(state: Mapping[str, np.ndarray], model_name: str | None,
                           source: str) -> CLIPConfig:
   """Sizes from tensor shapes; heads and activation from the named variant (shapes cannot tell).
@@ -316,66 +338,35 @@ def infer_openclip_config(state: Mapping[str, np.ndarray], model_name: str | Non
   Without a name, OpenAI's own rule (its `build_model`): 64-wide heads in both towers and
   QuickGELU, which every OpenAI checkpoint uses; open_clip's exact-GELU models need their name.
   """
+  vision_sizes, text_sizes = _sizes_from_shapes(state, source)
+  # The trained scale and bias are in the params; the config keeps the usual initial values
+  # (log(1/0.07); SigLIP's -10 for a bias, whose presence marks a sigmoid-loss model).
+  bias = SIGLIP_INIT_LOGIT_BIAS if "logit_bias" in state else None
   if model_name is None:
-    return _openai_config(state, source)
+    vision = VisionConfig(heads=max(1, vision_sizes["width"] // 64), act="quick_gelu", **vision_sizes)
+    text = TextConfig(heads=max(1, text_sizes["width"] // 64), act="quick_gelu", **text_sizes)
+    return CLIPConfig(vision=vision, text=text, init_logit_bias=bias)
   variant, act = openclip_variant(model_name)
   try:
     reference = clip_config(variant, act=act)
   except ValueError as e:
     raise ValueError(f"--model-name {model_name!r}: {e}") from e
-  width, _, patch, _ = _shape(state, "visual.conv1.weight", source)
-  positions = _shape(state, "visual.positional_embedding", source)[0]
-  grid = int(round((positions - 1) ** 0.5))
-  if grid * grid + 1 != positions:
-    raise ValueError(f"{source}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
-  vocab, text_width = _shape(state, "token_embedding.weight", source)
-  # Sizes the shapes tell; compared with the variant before any config is built, because the
-  # variant's head counts only fit its own widths.
-  vision_sizes = dict(
-      patch_size=patch, width=width, layers=_layer_count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
-      mlp_dim=_shape(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", source)[0],
-      output_dim=_shape(state, "visual.proj", source)[1])
-  text_sizes = dict(
-      width=text_width, layers=_layer_count(state, r"transformer\.resblocks\.(\d+)\."),
-      mlp_dim=_shape(state, "transformer.resblocks.0.mlp.c_fc.weight", source)[0],
-      output_dim=_shape(state, "text_projection", source)[1])
+  # Compared with the variant before any config is built, because the variant's head counts only
+  # fit its own widths. Image size, vocabulary and context length may differ from the variant's.
+  compared = {"vision": ("patch_size", "width", "layers", "mlp_dim", "output_dim"),
+              "text": ("width", "layers", "mlp_dim", "output_dim")}
   differences = [
-      f"{tower}.{field}: checkpoint {value}, {variant} {getattr(want, field)}"
+      f"{tower}.{field}: checkpoint {sizes[field]}, {variant} {getattr(want, field)}"
       for tower, sizes, want in (("vision", vision_sizes, reference.vision), ("text", text_sizes, reference.text))
-      for field, value in sizes.items() if value != getattr(want, field)]
+      for field in compared[tower] if sizes[field] != getattr(want, field)]
   if differences:
     raise ValueError(f"{source}: the checkpoint does not match --model-name {model_name!r}: "
                      + "; ".join(differences))
-  vision = VisionConfig(image_size=grid * patch, heads=reference.vision.heads, act=act,
-                        ln_eps=reference.vision.ln_eps, **vision_sizes)
-  text = TextConfig(vocab_size=vocab, context_length=_shape(state, "positional_embedding", source)[0],
-                    heads=reference.text.heads, act=act, ln_eps=reference.text.ln_eps, **text_sizes)
-  # The trained scale and bias are in the params; the config keeps the usual initial values
-  # (log(1/0.07); SigLIP's -10 for a bias, whose presence marks a sigmoid-loss model).
+  vision = VisionConfig(heads=reference.vision.heads, act=act, ln_eps=reference.vision.ln_eps,
+                        **vision_sizes)
+  text = TextConfig(heads=reference.text.heads, act=act, ln_eps=reference.text.ln_eps, **text_sizes)
   return CLIPConfig(vision=vision, text=text, init_logit_scale=reference.init_logit_scale,
-                    init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if "logit_bias" in state else None)
-
-
-def _openai_config(state: Mapping[str, np.ndarray], source: str) -> CLIPConfig:
-  width, _, patch, _ = _shape(state, "visual.conv1.weight", source)
-  positions = _shape(state, "visual.positional_embedding", source)[0]
-  grid = int(round((positions - 1) ** 0.5))
-  if grid * grid + 1 != positions:
-    raise ValueError(f"{source}: visual.positional_embedding has {positions} rows, not 1 + a square grid")
-  vocab, text_width = _shape(state, "token_embedding.weight", source)
-  vision = VisionConfig(
-      image_size=grid * patch, patch_size=patch, width=width, heads=max(1, width // 64),
-      layers=_layer_count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
-      mlp_dim=_shape(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", source)[0],
-      output_dim=_shape(state, "visual.proj", source)[1], act="quick_gelu")
-  text = TextConfig(
-      vocab_size=vocab, context_length=_shape(state, "positional_embedding", source)[0],
-      width=text_width, heads=max(1, text_width // 64),
-      layers=_layer_count(state, r"transformer\.resblocks\.(\d+)\."),
-      mlp_dim=_shape(state, "transformer.resblocks.0.mlp.c_fc.weight", source)[0],
-      output_dim=_shape(state, "text_projection", source)[1], act="quick_gelu")
-  return CLIPConfig(vision=vision, text=text,
-                    init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if "logit_bias" in state else None)
+                    init_logit_bias=bias)
 
 
 def _unwrap_openclip_state(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
