@@ -12,12 +12,13 @@ work" produces the same kind of images.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import struct
 import warnings
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
@@ -81,10 +82,12 @@ def has_image_signature(data: bytes) -> bool:
   return data.startswith(_IMAGE_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def decode_pil(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-               min_side: int = DEFAULT_MIN_SIDE, exif_transpose: bool = True) -> Image.Image:
-  """Bytes -> RGB PIL image, by content (never by file name), turned upright by its EXIF tag unless
-  `exif_transpose` is False (as PyTorch loaders read photos). Raises BadRecord."""
+def open_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_side: int = DEFAULT_MIN_SIDE) -> Image.Image:
+  """Bytes -> an opened PIL image, its pixels not decoded yet, identified by content (never by
+  file name) and checked on its stored size. Raises BadRecord. Decode its pixels inside
+  `decoding_errors()`; decode_pil and host_decode.decode_reduced (which first picks a JPEG draft
+  scale) both do, so a record is judged by one rule whichever path reads it."""
   if data is None:
     raise BadRecord("missing_image")
   if len(data) == 0:
@@ -100,19 +103,37 @@ def decode_pil(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
       # An image cut inside its header, or damaged there, is a broken image, not "not an image".
       reason = "corrupt_image" if has_image_signature(data) else "not_an_image"
       raise BadRecord(reason, str(error)) from None
-    width, height = image.size
-    if width * height > max_pixels:
-      raise BadRecord("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
-    if min(width, height) < min_side:
-      raise BadRecord("image_too_small", f"{width}x{height}, shorter side < {min_side}")
+  width, height = image.size
+  if width * height > max_pixels:
+    raise BadRecord("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+  if min(width, height) < min_side:
+    raise BadRecord("image_too_small", f"{width}x{height}, shorter side < {min_side}")
+  return image
+
+
+@contextlib.contextmanager
+def decoding_errors() -> Iterator[None]:
+  """Around the decoding of an `open_image` result: a failure there is BadRecord
+  truncated_image or corrupt_image."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     try:
-      image.load()
-      if exif_transpose:
-        image = ImageOps.exif_transpose(image)
-      image = _to_rgb(image)
+      yield
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
       reason = "truncated_image" if "truncated" in str(error).lower() else "corrupt_image"
       raise BadRecord(reason, str(error)) from None
+
+
+def decode_pil(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_side: int = DEFAULT_MIN_SIDE, exif_transpose: bool = True) -> Image.Image:
+  """Bytes -> RGB PIL image, by content (never by file name), turned upright by its EXIF tag unless
+  `exif_transpose` is False (as PyTorch loaders read photos). Raises BadRecord."""
+  image = open_image(data, max_pixels, min_side)
+  with decoding_errors():
+    image.load()
+    if exif_transpose:
+      image = ImageOps.exif_transpose(image)
+    image = _to_rgb(image)
   return image
 
 

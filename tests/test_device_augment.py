@@ -414,3 +414,33 @@ def test_agriclip_train_renders_views_on_the_device_when_asked(tmp_path):
     losses[placement] = [line["loss"] for line in lines if "loss" in line]
   assert len(losses["device"]) == 2
   np.testing.assert_allclose(losses["device"], losses["host"], rtol=2e-2)
+
+
+def test_data_inspect_reports_host_cpu_ms_per_view_and_placement(capsys):
+  # Through the command on the vendored photos: each view (CLIP, DINO multi-crop) has a figure for
+  # each placement (host: decode + PIL view; device: reduced decode + plans), and the text summary
+  # prints the JSON's figures. Only the structure is asserted: the figures are CPU times, which a
+  # loaded machine moves (BENCHMARKS.md has measured ones).
+  import json
+  import re
+
+  from agriclip_jax import cli
+  lab = Path(__file__).resolve().parent / "data" / "corn" / "lab"
+  assert cli.main(["data", "inspect", str(lab), "--json", "--view-cost", "5"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  costs = report["host_cpu_ms_per_image"]
+  assert report["read"] == 7 and costs["images"] == 5
+  assert sorted(costs) == ["clip", "dino", "images"]
+  for view in ("clip", "dino"):
+    assert sorted(costs[view]) == ["device", "host"]
+    assert all(isinstance(ms, float) and ms > 0 for ms in costs[view].values()), costs
+  assert cli.main(["data", "inspect", str(lab), "--view-cost", "5"]) == 0
+  text = capsys.readouterr().out
+  assert "host CPU ms per image (5 images;" in text
+  printed = {view: re.search(rf"^  {label} .*: host ([\d.]+), device ([\d.]+)$", text, re.M)
+             for view, label in (("clip", "CLIP view"), ("dino", "DINO multi-crop"))}
+  assert all(printed.values()), text
+  for view, match in printed.items():
+    assert float(match.group(1)) > 0 and float(match.group(2)) > 0, text
+  assert cli.main(["data", "inspect", str(lab), "--json", "--view-cost", "0"]) == 0
+  assert "host_cpu_ms_per_image" not in json.loads(capsys.readouterr().out)

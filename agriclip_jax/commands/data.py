@@ -2,8 +2,13 @@
 
 Every record goes through the same checks and decoding as training (input_pipeline.pipeline's
 check_and_decode, in Grain, optionally with worker processes). Printed: records read, records
-skipped by reason with a few paths each, caption length statistics, image sizes and images/s.
-With --json, one JSON object: {"read": N, "skipped": {reason: count}, "images_per_sec": X, ...}.
+skipped by reason with a few paths each, caption length statistics, image sizes, images/s and
+the host CPU milliseconds per image of each training view (the CLIP view and the DINO multi-crop,
+at the default 224 px recipes) for each placement of its augmentation (`data.augment_on`): "host"
+renders it with PIL, "device" only decodes small and draws the crop plans (the rendering is the
+accelerator's), measured by input_pipeline.host_decode.view_costs on the first --view-cost good
+records. With --json, one JSON object: {"read": N, "skipped": {reason: count}, "images_per_sec":
+X, "host_cpu_ms_per_image": {"images": n, "clip": {"host": ms, "device": ms}, "dino": {...}}, ...}.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   inspect.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
   inspect.add_argument("--max-caption-chars", type=int, default=None, help="longest caption accepted")
   inspect.add_argument("--no-captions", action="store_true", help="do not require captions (image-only data)")
+  inspect.add_argument("--view-cost", type=int, default=16, metavar="N",
+                       help="measure the host CPU-ms per image of each view and placement on the "
+                            "first N good records (default 16; 0 = skip)")
 
 
 def _source_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,13 +69,15 @@ class _Inspect:
       image, captions = check_and_decode(record, self.checks)
     except BadRecord as bad:
       return {"reason": bad.reason, "path": record["path"]}
-    return {"reason": None, "caption_chars": [len(c) for c in captions],
+    return {"reason": None, "index": int(index), "caption_chars": [len(c) for c in captions],
             "caption_words": [len(c.split()) for c in captions], "size": image.size,
             "label": record["label"]}
 
 
 def inspect_source(source: Any, checks: Any, limit: int = 0, num_workers: int = 0,
-                   examples_per_reason: int = 3) -> dict[str, Any]:
+                   examples_per_reason: int = 3, view_cost_records: int = 0) -> dict[str, Any]:
+  """The report above; `view_cost_records` > 0 adds "host_cpu_ms_per_image" (None when no record
+  was good)."""
   import grain
   from input_pipeline.pipeline import BadRecordStats, _worker_processes
   count = len(source) if limit <= 0 else min(limit, len(source))
@@ -77,6 +87,7 @@ def inspect_source(source: Any, checks: Any, limit: int = 0, num_workers: int = 
   stats = BadRecordStats(examples_per_reason=examples_per_reason)
   caption_chars, caption_words, widths, heights = [], [], [], []
   labels: collections.Counter = collections.Counter()
+  good: list[int] = []
   start = time.perf_counter()
   for item in dataset:
     if item["reason"] is not None:
@@ -88,6 +99,7 @@ def inspect_source(source: Any, checks: Any, limit: int = 0, num_workers: int = 
     widths.append(item["size"][0])
     heights.append(item["size"][1])
     labels[item["label"]] += 1
+    good.append(item["index"])
   seconds = time.perf_counter() - start
   read = stats.seen - stats.skipped
 
@@ -106,7 +118,17 @@ def inspect_source(source: Any, checks: Any, limit: int = 0, num_workers: int = 
       "width": summary(widths),
       "height": summary(heights),
       "labels": {str(k): v for k, v in sorted(labels.items())},
+      **({"host_cpu_ms_per_image": _view_costs(source, sorted(good)[:view_cost_records])}
+         if view_cost_records > 0 else {}),
   }
+
+
+def _view_costs(source: Any, indices: list[int]) -> dict[str, Any] | None:
+  """{"images": n, "clip": {"host": ms, "device": ms}, "dino": {...}} over these records."""
+  if not indices:
+    return None
+  from input_pipeline.host_decode import view_costs
+  return {"images": len(indices), **view_costs([source[i] for i in indices])}
 
 
 def _print_text(spec: str, kind: str, report: dict[str, Any]) -> None:
@@ -122,6 +144,15 @@ def _print_text(spec: str, kind: str, report: dict[str, Any]) -> None:
       values = report[name]
       print(f"{name.replace('_', ' ')}: min {values['min']}, mean {values['mean']}, max {values['max']}")
   print(f"images/s: {report['images_per_sec']}")
+  costs = report.get("host_cpu_ms_per_image")
+  if costs:
+    from input_pipeline.transforms import ClipViewConfig, MultiCropConfig
+    clip, crops = ClipViewConfig(), MultiCropConfig()
+    print(f"host CPU ms per image ({costs['images']} images; host: decode + PIL view, device: "
+          f"reduced decode + crop plans):")
+    print(f"  CLIP view {clip.size} px: host {costs['clip']['host']}, device {costs['clip']['device']}")
+    print(f"  DINO multi-crop 2x{crops.global_size} + {crops.num_local}x{crops.local_size}: "
+          f"host {costs['dino']['host']}, device {costs['dino']['device']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
   overrides = {"max_pixels": args.max_pixels, "max_caption_chars": args.max_caption_chars}
   checks = dataclasses.replace(checks, **{k: v for k, v in overrides.items() if v is not None})
   source = open_source(args.source, **_source_options(args))
-  report = inspect_source(source, checks, args.limit, args.num_workers, args.examples)
+  report = inspect_source(source, checks, args.limit, args.num_workers, args.examples,
+                          args.view_cost)
   if args.json:
     print(json.dumps(report))
   else:
