@@ -232,7 +232,24 @@ def load(path: str | os.PathLike | None = None, *, clip: str | os.PathLike | Non
     if model.clip is not None:
       checked["clip"] = (str(clip), model.clip.image.model_id)
     align.check_provenance(recorded, aligner, checked)
+    check_widths(model, dino, aligner, clip)
   return model
+
+
+def check_widths(model: Model, dino, aligner, clip) -> None:
+  """An aligner must take the DINO's feature width and give the CLIP's embedding width: checked
+  from shapes before any image is read, naming the files."""
+  from agriclip_jax import features
+  width = features.output_width(model.dino)
+  if width != model.aligner.in_dim:
+    raise ValueError(f"aligner {aligner} expects {model.aligner.in_dim}-d DINO features but {dino} "
+                     f"gives {width}-d with DINO pooling {model.dino.pooling!r} (an aligner fitted "
+                     f"on another pooling of a ViT needs that one: --dino-pooling)")
+  if model.clip is not None:
+    width = features.output_width(model.clip.image)
+    if width != model.aligner.out_dim:
+      raise ValueError(f"aligner {aligner} maps to {model.aligner.out_dim}-d but CLIP {clip} embeds "
+                       f"in {width}-d")
 
 
 def _is_dino(path: Path) -> bool:

@@ -423,34 +423,27 @@ def save_models(models: TrainedModels, models_dir: Path, tokenizer_dir: Path) ->
 # Features, aligner, zero-shot
 # ================================================================================================
 
-@dataclasses.dataclass
-class Encoders:
-  clip: Any  # features.ClipEncoders
-  dino: Any  # features.ImageEncoder
-
-  def images(self, source, indices, batch_size: int, desc: str):
-    from agriclip_jax import features
-    return features.encode_source(source, indices, [self.clip.image, self.dino], batch_size,
-                                  mesh=features.data_mesh(_one_device()), desc=desc)
-
-
-def _one_device():
+def _one_device_mesh():
   import jax
-  return jax.devices()[:1]
 
-
-def load_encoders(paths: dict[str, Path], batch_size: int, dino_pooling: str = "cls") -> Encoders:
   from agriclip_jax import features
-  mesh = features.data_mesh(_one_device())
-  return Encoders(features.clip_model_encoders(paths["clip"], batch_size, mesh),
-                  features.dino_model_encoder(paths["dino_backbone"], pooling=dino_pooling))
+  return features.data_mesh(jax.devices()[:1])
 
 
-def fit_aligner(encoders: Encoders, source, config):
+def load_models(paths: dict[str, Path], batch_size: int, dino_pooling: str = "cls"):
+  """The trained CLIP and DINO backbone as an `api.Model` (the aligner comes after the fit)."""
+  from agriclip_jax import api, features
+  return api.Model(clip=features.clip_model_encoders(paths["clip"], batch_size, _one_device_mesh()),
+                   dino=features.dino_model_encoder(paths["dino_backbone"], pooling=dino_pooling),
+                   batch_size=batch_size)
+
+
+def fit_aligner(model, source, config):
   """Exact least squares DINO -> CLIP image embeddings on the training images."""
-  from agriclip_jax import align
-  encoded = encoders.images(source, np.arange(len(source)), config.features.batch_size,
-                            "aligner features")
+  from agriclip_jax import align, features
+  encoded = features.encode_source(source, np.arange(len(source)), [model.clip.image, model.dino],
+                                   config.features.batch_size, mesh=_one_device_mesh(),
+                                   desc="aligner features")
   dino, clip = encoded.features["dino"], encoded.features["clip_image"]
   result = align.fit_exact(align.iterate_chunks(dino, clip), ridge=config.align.ridge,
                            holdout=config.align.holdout, seed=config.seed)
@@ -461,37 +454,22 @@ def fit_aligner(encoders: Encoders, source, config):
   return result
 
 
-def evaluate_task(task: EvalTask, encoders: Encoders, aligner, config) -> list[dict[str, Any]]:
-  """Report rows (one per method) of one zero-shot task."""
+def evaluate_task(task: EvalTask, model, config) -> list[dict[str, Any]]:
+  """Result rows (one per method) of one zero-shot task, through `zeroshot.score_task`."""
   from agriclip_jax import zeroshot
   indices = task.indices if task.indices is not None else np.arange(len(task.source))
-  encoded = encoders.images(task.source, indices, config.features.batch_size, task.name)
-  if encoded.skipped:
-    log(f"task {task.name}: {sum(encoded.skipped.values())} images could not be read: "
-        f"{encoded.skipped}")
-  class_emb = zeroshot.class_embeddings(list(task.prompt_names), list(task.templates),
-                                        encoders.clip.encode_text)
-  metrics, differences = zeroshot.evaluate(class_emb, encoded.labels, task.class_names,
-                              encoded.features["clip_image"], encoded.features["dino"], aligner,
-                              METHODS, config.zeroshot.ensemble_weight, encoders.clip.logit_scale)
-  from_clip = {d["methods"][0]: d["top1"] for d in differences}
-  rows = []
-  for method in METHODS:
-    rows.append({"task": task.name, "method": method, "kind": task.kind,
-                 "num_classes": task.num_classes, "chance": chance_level(encoded.labels,
-                                                                         task.num_classes),
-                 **metrics[method],
-                 **({"top1_minus_clip": from_clip[method]} if method in from_clip else {})})
-  log(f"task {task.name} ({task.num_classes} classes, {len(encoded.labels)} images): "
-      + ", ".join(f"{m} {100 * metrics[m]['top1']:.1f}%" for m in METHODS)
+  scored = zeroshot.score_task(task.name, task.source, indices, task.class_names, task.templates,
+                               model, METHODS, prompt_names=task.prompt_names,
+                               ensemble_weight=config.zeroshot.ensemble_weight,
+                               batch_size=config.features.batch_size, mesh=_one_device_mesh())
+  if scored.encoded.skipped:
+    log(f"task {task.name}: {sum(scored.encoded.skipped.values())} images could not be read: "
+        f"{scored.encoded.skipped}")
+  rows, _ = zeroshot.task_rows(scored, kind=task.kind)
+  log(f"task {task.name} ({task.num_classes} classes, {len(scored.labels)} images): "
+      + ", ".join(f"{r['method']} {100 * r['top1']:.1f}%" for r in rows)
       + f" (chance {100 * rows[0]['chance']:.1f}%)")
   return rows
-
-
-def chance_level(labels: np.ndarray, num_classes: int) -> float:
-  """Top-1 of a guess that ignores the image (uniform over the classes): 1 / K."""
-  del labels  # balanced or not, a uniform guess is right 1 / K of the time in expectation
-  return 1.0 / num_classes
 
 
 def results_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -689,9 +667,9 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
                         f"{train_cfg.data.image_size} px ({models.steps_per_second:.2f} steps/s "
                         f"after compilation)")
   with timer.stage("align", "features of the training images and the exact aligner"):
-    encoders = load_encoders(paths, config.features.batch_size, config.features.dino_pooling)
-    fitted = fit_aligner(encoders, data.train_source, config)
-    aligner = fitted.aligner
+    model = load_models(paths, config.features.batch_size, config.features.dino_pooling)
+    fitted = fit_aligner(model, data.train_source, config)
+    aligner = model.aligner = fitted.aligner
     paths["aligner"] = align.save_aligner(
         aligner, workdir / "models" / "aligner.safetensors",
         metadata={"dino_pooling": config.features.dino_pooling})
@@ -702,7 +680,7 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
                           (f", held-out {fitted.metrics['heldout']['r2']:.3f}"
                            if "heldout" in fitted.metrics else ""))
   with timer.stage("zeroshot", f"{len(data.tasks)} tasks x {len(METHODS)} methods"):
-    rows = [row for task in data.tasks for row in evaluate_task(task, encoders, aligner, config)]
+    rows = [row for task in data.tasks for row in evaluate_task(task, model, config)]
     document = results_document(rows)
   # Results and report first: a failing export must not lose the evaluation.
   with timer.stage("report", "report.md, plots, results.json"):

@@ -213,6 +213,27 @@ class ImageEncoder:
   exif_transpose: bool = True  # decode photos upright by their EXIF tag before `view`
   pooling: str | None = None  # a DINO backbone's feature pooling (what an aligner must be fitted on)
   model_id: str | None = None  # model_io.content_fingerprint: what aligners record and check
+  image_size: int | None = None  # side of the square `view` gives (for shape checks)
+
+
+def output_width(encoder: ImageEncoder) -> int:
+  """The width of the encoder's features, from shapes alone (nothing runs)."""
+  import jax
+  import jax.numpy as jnp
+  if encoder.image_size is None:
+    raise ValueError(f"encoder {encoder.name!r} does not record its image size")
+  probe = jax.ShapeDtypeStruct((1, encoder.image_size, encoder.image_size, 3), jnp.float32)
+  if encoder.params is None:
+    return int(jax.eval_shape(encoder.apply, probe).shape[-1])
+  return int(jax.eval_shape(encoder.apply, encoder.params, probe).shape[-1])
+
+
+def record_names(source, indices: Sequence[int]) -> list[str]:
+  """What to call records in results: the file path where the source lists files, else the key."""
+  if callable(getattr(source, "entry", None)):
+    return [str(source.entry(int(i))["path"]) for i in indices]
+  keys = record_keys(source)
+  return [keys[int(i)] for i in indices]
 
 
 def spec_encoder(name: str, model_print: str, spec, apply: Callable[..., Any],
@@ -222,7 +243,7 @@ def spec_encoder(name: str, model_print: str, spec, apply: Callable[..., Any],
   from input_pipeline import transforms
   return ImageEncoder(name, model_print, lambda image: transforms.eval_view(image, spec),
                       json.dumps(spec.to_dict(), sort_keys=True), apply, params,
-                      spec.exif_transpose, pooling, model_id)
+                      spec.exif_transpose, pooling, model_id, spec.image_size)
 
 
 def _decode_record(record: dict[str, Any], exif_transposes: Sequence[bool]
@@ -246,6 +267,7 @@ class EncodedImages:
   indices: np.ndarray              # [K] source indices that were encoded (same for every encoder)
   labels: np.ndarray               # [K] their labels (-1 where the source has none)
   skipped: dict[str, int]          # reason -> count of records that could not be decoded
+  skipped_records: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (index, reason)
 
 
 def _iter_decoded(source, indices: Sequence[int], workers: int,
@@ -283,6 +305,7 @@ def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncode
   kept: list[int] = []
   labels: list[int] = []
   skipped: Counter = Counter()
+  skipped_records: list[tuple[int, str]] = []
   views: dict[str, list[np.ndarray]] = {e.name: [] for e in pending}
 
   def flush():
@@ -299,6 +322,7 @@ def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncode
       bar.update(1)
       if isinstance(decoded, str):
         skipped[decoded] += 1
+        skipped_records.append((int(index), decoded))
         continue
       kept.append(int(index))
       labels.append(label)
@@ -320,7 +344,8 @@ def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncode
   if skipped:
     print(f"[features] {desc}: skipped {sum(skipped.values())} of {len(indices)} records that could "
           f"not be decoded: {dict(skipped)}")
-  return EncodedImages(features, kept_indices, np.asarray(labels, np.int64), dict(skipped))
+  return EncodedImages(features, kept_indices, np.asarray(labels, np.int64), dict(skipped),
+                       skipped_records)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from typing import Any
 from agriclip_jax.zeroshot import clean_class_name, validate_template
 
 FALLBACK_TEMPLATE = "a photo of {}"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,25 +153,15 @@ def prompt_names(task: Task, class_names: list[str] | tuple[str, ...]) -> list[s
 
 
 def imagefolder_classes(root: str | os.PathLike) -> list[str]:
-  """Sorted class folder names of an ImageFolder tree; every class folder must hold an image."""
+  """Sorted class folder names of an ImageFolder tree (`sources.list_image_folder`, the one reading
+  of such a tree); every class folder must hold an image."""
+  from input_pipeline.sources import list_image_folder
   root = Path(root)
   if root.is_file():
     raise ValueError(f"{root} is a file, not an ImageFolder: a task given by --template reads its "
                      f"class names from the class folders of a directory (DIR/<class>/<image>); "
                      f"for a manifest with labels, list it in a --suite with its class names")
-  if not root.is_dir():
-    raise FileNotFoundError(f"ImageFolder root not found: {root}")
-  classes = sorted(entry.name for entry in root.iterdir()
-                   if entry.is_dir() and not entry.name.startswith("."))
-  if not classes:
-    raise ValueError(f"ImageFolder {root} has no class sub-folders")
-  for name in classes:
-    # Direct children only: that is what the ImageFolder source reads.
-    has_image = any(path.suffix.lower() in IMAGE_EXTENSIONS
-                    for path in (root / name).iterdir() if path.is_file())
-    if not has_image:
-      raise ValueError(f"class folder {root / name} holds no images (looked for {sorted(IMAGE_EXTENSIONS)})")
-  return classes
+  return list_image_folder(root)[0]
 
 
 def imagefolder_task(root: str | os.PathLike, templates: list[str] | tuple[str, ...] | str | None = None,

@@ -3,6 +3,14 @@
 Class embeddings: every class name goes into every template, CLIP's text tower encodes the prompts,
 each embedding is L2-normalised, the template embeddings of a class are averaged and the average is
 renormalised (the usual template ensemble; with one template it is just that prompt's embedding).
+A `Recipe` names the two choices that differ between evaluations: whether class names are cleaned
+before they go into the template, and whether prompt embeddings are normalised before averaging.
+The AgriCLIP reference's recipe ("reference": folder names as they are, raw average, then
+normalised; `AgriCLIP_alignment/TextToConcept.py`) is one of them, not a second pipeline.
+
+`score_task` is the one zero-shot path: a labelled source, its class names and templates, and an
+`api.Model` -> per-method scores of every image (`TaskScores`); `task_rows` turns them into the
+result rows every caller writes (`agriclip zeroshot`, the demo, the reference recipe's API).
 
 Three ways to score an image against the classes:
 - "clip":     the CLIP image embedding, normalised, cosine with the class embeddings;
@@ -17,6 +25,7 @@ a hash of each item's relative path, so the training side can exclude exactly th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import string
 from collections.abc import Callable, Sequence
@@ -71,9 +80,35 @@ def l2_normalize(array: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.nd
   return array / np.maximum(np.linalg.norm(array, axis=axis, keepdims=True), eps)
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How class names and templates become class embeddings."""
+  name: str
+  clean_names: bool  # 'Common_Rust' -> 'common rust' before it goes into the template
+  prompt_average: str  # "normalised": unit prompt embeddings averaged (open_clip); "raw": as encoded
+
+
+RECIPES = {
+    "agriclip-jax": Recipe("agriclip-jax", clean_names=True, prompt_average="normalised"),
+    # AgriClip_zeroshot.py + TextToConcept.get_zeroshot_weights: ImageFolder names as they are,
+    # the mean of the unnormalised text features, normalised.
+    "reference": Recipe("reference", clean_names=False, prompt_average="raw"),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+  if name not in RECIPES:
+    raise ValueError(f"unknown zero-shot recipe {name!r}; choose from {sorted(RECIPES)}")
+  return RECIPES[name]
+
+
 def class_embeddings(class_names: Sequence[str], templates: Sequence[str],
-                     encode_text: Callable[[list[str]], Any], batch_size: int = 256) -> np.ndarray:
-  """[num_classes, embed_dim], unit norm: normalise each prompt, average per class, renormalise."""
+                     encode_text: Callable[[list[str]], Any], batch_size: int = 256,
+                     prompt_average: str = "normalised") -> np.ndarray:
+  """[num_classes, embed_dim], unit norm: per class the average of its prompt embeddings (each
+  normalised first, or as encoded with prompt_average="raw"), renormalised."""
+  if prompt_average not in ("normalised", "raw"):
+    raise ValueError(f"prompt_average={prompt_average!r}; expected 'normalised' or 'raw'")
   prompts = build_prompts(class_names, templates)
   chunks = [np.asarray(encode_text(prompts[i:i + batch_size]), np.float32)
             for i in range(0, len(prompts), batch_size)]
@@ -81,7 +116,9 @@ def class_embeddings(class_names: Sequence[str], templates: Sequence[str],
   if embeddings.ndim != 2 or embeddings.shape[0] != len(prompts):
     raise ValueError(f"encode_text returned shape {embeddings.shape} for {len(prompts)} prompts; "
                      "expected [num_prompts, embed_dim]")
-  per_template = l2_normalize(embeddings).reshape(len(class_names), len(templates), -1)
+  if prompt_average == "normalised":
+    embeddings = l2_normalize(embeddings)
+  per_template = embeddings.reshape(len(class_names), len(templates), -1)
   return l2_normalize(per_template.mean(axis=1))
 
 
@@ -269,3 +306,97 @@ def suite_means(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                    "top1": float(np.mean([r["top1"] for r in rows])),
                    "balanced_accuracy": float(np.mean([r["balanced_accuracy"] for r in rows]))}
           for method, rows in by_method.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# One task end to end: the one zero-shot path
+# ----------------------------------------------------------------------------------------------
+
+def methods_need(methods: Sequence[str]) -> tuple[bool, bool]:
+  """(needs CLIP image embeddings, needs DINO features + aligner)."""
+  return (any(m in ("clip", "ensemble") for m in methods),
+          any(m in ("agriclip", "ensemble") for m in methods))
+
+
+@dataclasses.dataclass
+class TaskScores:
+  """Every evaluated image of one task, scored by every method."""
+  task: str
+  class_names: list[str]
+  prompt_names: list[str]
+  templates: list[str]
+  recipe: str
+  scores: dict[str, np.ndarray]  # method -> [N, C] (logits; probabilities for the ensemble)
+  labels: np.ndarray  # [N]
+  encoded: Any  # features.EncodedImages: indices, features, skipped records
+  logit_scale: float
+
+
+def score_task(task: str, source, indices: Sequence[int], class_names: Sequence[str],
+               templates: Sequence[str], model, methods: Sequence[str] = METHODS, *,
+               recipe: str = "agriclip-jax", prompt_names: Sequence[str] | None = None,
+               ensemble_weight: float = 0.5, batch_size: int = 128, cache=None,
+               data_fingerprint: str | None = None, mesh=None) -> TaskScores:
+  """Scores of `source[indices]` against the classes under every method, with `model` an
+  `api.Model` (its CLIP's text tower embeds the prompts; each image model sees its own view).
+
+  `prompt_names` are what goes into the templates (default: the class names, cleaned when the
+  recipe says so). Images that cannot be decoded are counted and listed in `encoded`."""
+  from agriclip_jax import features
+  chosen = get_recipe(recipe)
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+  need_clip, need_dino = methods_need(methods)
+  missing = [what for what, needed, part in (("a CLIP model", True, model.clip),
+                                             ("a DINO model", need_dino, model.dino),
+                                             ("an aligner", need_dino, model.aligner))
+             if needed and part is None]
+  if missing:
+    raise ValueError(f"task {task!r}: methods {list(methods)} need {' and '.join(missing)}")
+  encoders = ([model.clip.image] if need_clip else []) + ([model.dino] if need_dino else [])
+  encoded = features.encode_source(source, indices, encoders, batch_size, mesh=mesh, cache=cache,
+                                   data_fingerprint=data_fingerprint, desc=task)
+  if len(encoded.indices) == 0:
+    raise ValueError(f"task {task!r}: none of the {len(indices)} images could be decoded "
+                     f"({encoded.skipped})")
+  labels = encoded.labels
+  if labels.min() < 0 or labels.max() >= len(class_names):
+    raise ValueError(f"task {task!r}: labels {labels.min()}..{labels.max()} do not index its "
+                     f"{len(class_names)} classes (-1 = a record without a label)")
+  if prompt_names is None:
+    prompt_names = [clean_class_name(c) if chosen.clean_names else c for c in class_names]
+  class_emb = class_embeddings(prompt_names, templates, model.clip.encode_text,
+                               prompt_average=chosen.prompt_average)
+  scores = method_scores(class_emb, encoded.features.get("clip_image"),
+                         encoded.features.get("dino"), model.aligner, methods, ensemble_weight,
+                         model.clip.logit_scale)
+  return TaskScores(task, list(class_names), list(prompt_names), list(templates), chosen.name,
+                    scores, labels, encoded, model.clip.logit_scale)
+
+
+def task_rows(scored: TaskScores, **common: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """(result rows, one per method; paired differences from CLIP) in the one row schema:
+  task, method, recipe, templates, prompt_names, num_classes, chance, skipped, the
+  classification metrics (`classification_metrics`) and top1_minus_clip, plus `common`."""
+  differences = method_differences(scored.scores, scored.labels)
+  from_clip = {d["methods"][0]: d["top1"] for d in differences}
+  rows = []
+  for method, method_scores_ in scored.scores.items():
+    rows.append({"task": scored.task, "method": method, "recipe": scored.recipe,
+                 "templates": scored.templates, "prompt_names": scored.prompt_names,
+                 "num_classes": len(scored.class_names),
+                 "chance": 1.0 / len(scored.class_names),  # a uniform guess, in expectation
+                 "skipped": scored.encoded.skipped, **common,
+                 **classification_metrics(method_scores_, scored.labels, scored.class_names),
+                 **({"top1_minus_clip": from_clip[method]} if method in from_clip else {})})
+  return rows, [{"task": scored.task, **d} for d in differences]
+
+
+def task_predictions(scored: TaskScores, names: Sequence[str]) -> list[dict[str, Any]]:
+  """Per image and method: {"task", "method", "image", "label", "prediction"}; `names` are the
+  evaluated records' names (`features.record_names` of `scored.encoded.indices`)."""
+  return [{"task": scored.task, "method": method, "image": name,
+           "label": scored.class_names[int(label)], "prediction": scored.class_names[int(best)]}
+          for method, s in scored.scores.items()
+          for name, label, best in zip(names, scored.labels, np.argmax(s, axis=1))]

@@ -122,27 +122,63 @@ def default_class_captions(class_name: str) -> list[str]:
   return [prompts.simple_caption(class_name)]
 
 
-class ImageFolderSource(_FileListSource):
-  """`root/<class>/<file>`: labels are indices into sorted class folder names.
+def has_image_extension(name: str) -> bool:
+  return name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS and "." in name
 
-  Every entry of a class folder is a record (files of any extension, directories, links): what is
-  not a readable image is counted by the pipeline, not skipped here. Captions come from
-  `captions_for_class` (a mapping or callable class name -> captions), by default a plain
-  "a photo of {class}" template.
+
+def list_image_folder(root: str | Path) -> tuple[list[str], list[list[str]]]:
+  """The one reading of an ImageFolder tree `root/<class>/<entry>`: (sorted class names, per class
+  the sorted names of its entries).
+
+  Class folders are the root's sub-directories whose names do not start with '.'. A class's
+  entries are everything directly inside its folder (not below it), except names starting with
+  '.': every entry becomes a record, so a file that is not a readable image is counted by whoever
+  decodes it, never left out here. A class with no entry that has an image extension
+  (`IMAGE_EXTENSIONS`) is an error naming its folder: it would have no examples."""
+  root = Path(root)
+  if root.is_file():
+    raise ValueError(f"{root} is a file, not an ImageFolder (ROOT/<class>/<image>)")
+  if not root.is_dir():
+    raise FileNotFoundError(f"ImageFolder root not found: {root}")
+  class_names = sorted(entry.name for entry in os.scandir(root)
+                       if entry.is_dir() and not entry.name.startswith("."))
+  if not class_names:
+    raise ValueError(f"ImageFolder root {root} has no class folders (expected ROOT/<class>/<image>)")
+  entries = []
+  for name in class_names:
+    names = sorted(n for n in os.listdir(root / name) if not n.startswith("."))
+    if not any(has_image_extension(n) for n in names):
+      raise ValueError(f"class folder {root / name} holds no images (looked for "
+                       f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)})")
+    entries.append(names)
+  return class_names, entries
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+  """The image files below an unlabelled folder (every depth, links followed, by extension),
+  sorted; for photos without classes (`embed`, `predict`)."""
+  folder = Path(folder)
+  paths = [Path(directory) / name for directory, _, names in os.walk(folder, followlinks=True)
+           for name in names if has_image_extension(name) and not name.startswith(".")]
+  if not paths:
+    raise FileNotFoundError(f"{folder}: no image files ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}) "
+                            f"found")
+  return sorted(paths)
+
+
+class ImageFolderSource(_FileListSource):
+  """`root/<class>/<file>` as `list_image_folder` reads it: labels are indices into the sorted
+  class folder names. Captions come from `captions_for_class` (a mapping or callable class name
+  -> captions), by default a plain "a photo of {class}" template.
   """
 
   def __init__(self, root: str | Path,
                captions_for_class: Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]] | None = None,
                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
     self.root = Path(root)
-    if not self.root.is_dir():
-      raise ValueError(f"ImageFolder root {self.root} is not a directory")
-    self.class_names = sorted(
-        entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith("."))
-    if not self.class_names:
-      raise ValueError(f"ImageFolder root {self.root} has no class folders (expected root/<class>/<image>)")
+    self.class_names, class_entries = list_image_folder(self.root)
     entries = []
-    for label, class_name in enumerate(self.class_names):
+    for label, (class_name, names) in enumerate(zip(self.class_names, class_entries)):
       if captions_for_class is None:
         captions = default_class_captions(class_name)
       elif callable(captions_for_class):
@@ -151,7 +187,7 @@ class ImageFolderSource(_FileListSource):
         captions = list(captions_for_class[class_name])
       else:
         raise ValueError(f"ImageFolder {self.root}: no captions given for class folder {class_name!r}")
-      for name in sorted(os.listdir(self.root / class_name)):
+      for name in names:
         entries.append({"path": str(self.root / class_name / name), "captions": captions,
                         "label": label, "key": key_from_path(f"{class_name}/{name}"), "error": None})
     super().__init__(entries, max_file_bytes)

@@ -184,7 +184,8 @@ def test_mismatched_parts_and_bad_templates_are_clear_errors(small_bundle, bundl
 
 
 def test_zeroshot_command_runs_the_released_bundle(bundle, image_folder, tmp_path):
-  """`agriclip zeroshot --dino --aligner --clip --data --task` is the same computation."""
+  """`agriclip zeroshot --dino --aligner --clip --data --task` is the same computation, written in
+  the one result schema."""
   import json
 
   from agriclip_jax import cli
@@ -197,7 +198,104 @@ def test_zeroshot_command_runs_the_released_bundle(bundle, image_folder, tmp_pat
   document = json.loads(out.read_text())
   want_logits, want_labels, want_files, class_names = torch_reference_logits(
       bundle, image_folder, ["a photo contain {} deficiency"])
-  assert [row["file"] for row in document["predictions"]] == [str(p) for p in want_files]
+  assert [row["image"] for row in document["predictions"]] == [str(p) for p in want_files]
   assert [row["prediction"] for row in document["predictions"]] == \
       [class_names[i] for i in want_logits.argmax(axis=1)]
-  assert document["accuracy"] == pytest.approx(np.mean(want_logits.argmax(axis=1) == want_labels))
+  [row] = document["results"]
+  assert (row["method"], row["recipe"], row["num_images"]) == ("agriclip", "reference", 7)
+  assert row["prompt_names"] == class_names  # folder names as they are, as the reference does
+  assert row["top1"] == pytest.approx(np.mean(want_logits.argmax(axis=1) == want_labels))
+  assert row["top1_interval"]["low"] <= row["top1"] <= row["top1_interval"]["high"]
+  assert document["config"]["recipe"] == "reference"
+
+
+def test_released_bundle_honours_method_limit_and_cache(bundle, image_folder, tmp_path):
+  """--clip is one configuration of the zero-shot path: --method, --limit and --cache work on it
+  as on every run (the cached second run gives the same document)."""
+  import json
+
+  from agriclip_jax import cli
+  root = bundle[0]
+  outs = [tmp_path / "first.json", tmp_path / "second.json"]
+  for out in outs:
+    assert cli.main(["zeroshot", "--dino", str(root / "dino_pretrain.pth"),
+                     "--aligner", str(root / "Agri_Dino_aligner_DPT_CPT.pth"),
+                     "--clip", str(root / "clip"), "--data", str(image_folder),
+                     "--template", "a photo of {}", "--method", "all", "--limit", "5",
+                     "--cache", str(tmp_path / "cache"), "--out", str(out)]) == 0
+  first, second = (json.loads(out.read_text()) for out in outs)
+  assert [r["method"] for r in first["results"]] == ["clip", "agriclip", "ensemble"]
+  assert {r["num_images"] for r in first["results"]} == {5}
+  assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # the CLIP and the DINO features
+  drop = lambda d: {k: v for k, v in d.items() if k != "config"}  # noqa: E731
+  assert drop(first) == drop(second)
+  agriclip = [p for p in first["predictions"] if p["method"] == "agriclip"]
+  want_logits, _, want_files, class_names = torch_reference_logits(bundle, image_folder,
+                                                                   ["a photo of {}"])
+  want = {str(f): class_names[i] for f, i in zip(want_files, want_logits.argmax(axis=1))}
+  assert [p["prediction"] for p in agriclip] == [want[p["image"]] for p in agriclip]
+
+
+# ---------------------------------------------------------------------------------------------
+# The released bundle in its own formats against the reference script on the corn field photos
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openai_bundle(tmp_path_factory):
+  """dino_pretrain.pth (torchvision ResNet-50, fc removed), an aligner .pth, and a small CLIP as
+  an OpenAI-layout state dict `.pt` and as a TorchScript archive of the same (fp16-exact)
+  weights: the files of the released bundle, with random weights."""
+  import open_clip
+  import torchvision
+
+  from test_convert_clip import _torchscript_archive
+  root = tmp_path_factory.mktemp("openai_bundle")
+  torch.manual_seed(0)
+  resnet = torchvision.models.resnet50()
+  resnet.fc = torch.nn.Identity()
+  randomise_batch_norms(resnet)
+  torch.save(resnet.state_dict(), root / "dino_pretrain.pth")
+  clip = open_clip.model.CLIP(
+      embed_dim=32, quick_gelu=True,
+      vision_cfg={"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 64},
+      text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2})
+  state = {name: value.half().float() for name, value in clip.state_dict().items()}
+  torch.save(state, root / "ViT-tiny.pt")
+  _torchscript_archive({k: v.numpy() for k, v in state.items()}, root / "ViT-tiny-jit.pt")
+  generator = torch.Generator().manual_seed(1)
+  torch.save({"W": 0.02 * torch.randn(32, 2048, generator=generator),
+              "b": 0.1 * torch.randn(32, generator=generator)}, root / "aligner.pth")
+  return root
+
+
+def test_released_bundle_files_agree_with_the_reference_script_on_field_photos(
+    openai_bundle, corn_dir, tmp_path, capsys):
+  """`agriclip zeroshot --clip ViT.pt --dino dino_pretrain.pth --aligner A.pth` (no --model-name)
+  against the reference script in PyTorch on every corn field photo at its own size; then the
+  TorchScript archive behind --allow-torchscript (DINO features from the cache)."""
+  import json
+
+  import torch_reference_script
+  from agriclip_jax import cli
+  root, field = openai_bundle, corn_dir / "field"
+  template = "a photo of a corn leaf with {}"
+  want = torch_reference_script.run(root / "dino_pretrain.pth", root / "aligner.pth",
+                                    root / "ViT-tiny.pt", field, [template])
+  assert len(want["files"]) >= 300 and np.ptp(want["logits"], axis=1).min() > 0
+  common = ["zeroshot", "--dino", str(root / "dino_pretrain.pth"), "--aligner",
+            str(root / "aligner.pth"), "--data", str(field), "--template", template,
+            "--cache", str(tmp_path / "cache")]
+  for clip_file, flags in (("ViT-tiny.pt", []), ("ViT-tiny-jit.pt", ["--allow-torchscript"])):
+    out = tmp_path / f"{clip_file}.json"
+    assert cli.main(common + ["--clip", str(root / clip_file), "--out", str(out)] + flags) == 0
+    document = json.loads(out.read_text())
+    got = {p["image"]: p["prediction"] for p in document["predictions"]}
+    assert sorted(got) == sorted(want["files"])  # every photo, none skipped
+    agree = np.mean([got[f] == want["class_names"][p] for f, p in zip(want["files"],
+                                                                     want["predictions"])])
+    assert agree >= 0.99, (clip_file, agree)
+    [row] = document["results"]
+    assert abs(row["top1"] - want["accuracy"]) <= 1.0 - agree + 1e-9, (clip_file, row["top1"])
+  assert cli.main(common + ["--clip", str(root / "ViT-tiny-jit.pt"), "--out",
+                            str(tmp_path / "refused.json")]) == 2
+  assert "allow-torchscript" in capsys.readouterr().err

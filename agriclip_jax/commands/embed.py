@@ -21,7 +21,6 @@ import numpy as np
 
 from agriclip_jax import model_io
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,10 +42,8 @@ def list_images(spec: str | Path) -> list[Path]:
   """Sorted image paths from a folder (recursive, by suffix) or a list file; errors name the path."""
   spec = Path(spec)
   if spec.is_dir():
-    paths = [p for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if not paths:
-      raise FileNotFoundError(f"{spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    return sorted(paths)
+    from input_pipeline.sources import list_image_files
+    return list_image_files(spec)
   if not spec.is_file():
     raise FileNotFoundError(f"--images {spec}: no such folder or list file")
   paths = []

@@ -1,37 +1,32 @@
 """`agriclip zeroshot`: zero-shot classification on downstream tasks, one or a suite.
 
-  agriclip zeroshot --model CLIP_DIR [--dino DIR_OR_PTH --aligner PATH]
+  agriclip zeroshot --model CLIP [--dino DIR_OR_PTH --aligner PATH]
                     (--data DIR --task NAME | --data DIR --template T [--template T2 ...] | --suite FILE)
-                    [--method clip|agriclip|ensemble|all] [--eval-fraction F] --out results.json
+                    [--method clip|agriclip|ensemble|all] [--recipe agriclip-jax|reference]
+                    [--eval-fraction F] [--limit N] [--cache DIR] [--predictions] --out results.json
+  agriclip zeroshot --clip CLIP --dino dino_pretrain.pth --aligner A.pth --data DIR --task NAME ...
 
-Methods: clip (CLIP image tower), agriclip (DINO -> aligner, the AgriCLIP path), ensemble (weighted
-probabilities of both), all. With --eval-fraction F only the items whose key hashes into the
-evaluation split are scored (`agriclip align --reserve-eval F` leaves exactly those out); without it
-the whole data set is evaluation data, as for the paper's downstream sets, disjoint from ALive.
-The results JSON feeds `agriclip report`.
+--model is a CLIP in any format we read (our model directory, an HF CLIPModel directory, an
+open_clip / OpenAI file; a TorchScript archive with --allow-torchscript). Methods: clip (CLIP image
+tower), agriclip (DINO -> aligner, the AgriCLIP path), ensemble (weighted probabilities of both),
+all. `--clip X` is the released bundle's shorthand for `--model X --recipe reference --method
+agriclip --predictions` (any of them may still be given): the same path, with the reference's
+class-embedding rule (`zeroshot.RECIPES`). With --eval-fraction F only the items whose key hashes
+into the evaluation split are scored (`agriclip align --reserve-eval F` leaves exactly those out);
+without it the whole data set is evaluation data, as for the paper's downstream sets, disjoint
+from ALive. The results JSON feeds `agriclip report`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agriclip_jax import fileio, zeroshot
-
-
-@dataclasses.dataclass
-class Models:
-  """What the evaluation needs, as callables (model loading stays at the edge)."""
-  encode_text: Callable[[list[str]], np.ndarray]
-  clip_image: Any = None   # features.ImageEncoder
-  dino: Any = None         # features.ImageEncoder
-  aligner: Any = None      # align.LinearAligner
-  logit_scale: float = zeroshot.DEFAULT_LOGIT_SCALE
 
 
 def methods_from_flag(flag: str) -> tuple[str, ...]:
@@ -75,7 +70,7 @@ def evaluation_indices(source, eval_fraction: float | None, limit: int | None, s
   return indices
 
 
-def _retrieval_rows(entry, source, encoded, models: Models, methods: Sequence[str]) -> list[dict[str, Any]]:
+def _retrieval_rows(entry, source, encoded, model, methods: Sequence[str]) -> list[dict[str, Any]]:
   """Image <-> caption recall@1/5/10 for the evaluated images, per method with an image embedding."""
   captions = [list(source[int(i)]["captions"]) for i in encoded.indices]
   keep = [row for row, texts in enumerate(captions) if texts]
@@ -83,109 +78,123 @@ def _retrieval_rows(entry, source, encoded, models: Models, methods: Sequence[st
     raise ValueError(f"task {entry.task.name!r}: --retrieval needs captions, and no evaluated image has one")
   texts = [t for row in keep for t in captions[row]]
   owner = np.array([new for new, row in enumerate(keep) for _ in captions[row]], np.int64)
-  text_emb = np.asarray(models.encode_text(texts), np.float32)
+  text_emb = np.asarray(model.clip.encode_text(texts), np.float32)
   embeddings = {}
   if "clip_image" in encoded.features and any(m in ("clip", "ensemble") for m in methods):
     embeddings["clip"] = encoded.features["clip_image"][keep]
-  if "dino" in encoded.features and models.aligner is not None:
-    embeddings["agriclip"] = models.aligner.apply(encoded.features["dino"][keep])
+  if "dino" in encoded.features and model.aligner is not None:
+    embeddings["agriclip"] = model.aligner.apply(encoded.features["dino"][keep])
   return [{"task": entry.task.name, "method": method, "num_images": len(keep), "num_texts": len(texts),
            "images_without_captions": len(captions) - len(keep),
            **zeroshot.retrieval_recall(image_emb, text_emb, owner)}
           for method, image_emb in embeddings.items()]
 
 
-def evaluate_entry(entry, models: Models, methods: Sequence[str], ensemble_weight: float = 0.5,
+def _retrieval_only(entry, source, indices, model, methods, batch_size, cache, spec):
+  from agriclip_jax import features
+  need_clip, need_dino = zeroshot.methods_need(methods)
+  encoders = ([model.clip.image] if need_clip else []) + ([model.dino] if need_dino else [])
+  encoded = features.encode_source(source, indices, encoders, batch_size, cache=cache,
+                                   data_fingerprint=features.data_fingerprint(spec, source),
+                                   desc=entry.task.name)
+  return _retrieval_rows(entry, source, encoded, model, methods)
+
+
+def _has_labels(source, indices) -> bool:
+  """Whether any of the records carries a class label (read from the listing where the source
+  has one, so that no image is read twice)."""
+  if callable(getattr(source, "entry", None)):
+    return any(int(source.entry(int(i))["label"]) >= 0 for i in indices)
+  return True
+
+
+def evaluate_entry(entry, model, methods: Sequence[str], ensemble_weight: float = 0.5,
                    batch_size: int = 128, cache=None, limit: int | None = None,
-                   eval_fraction: float | None = None,
-                   retrieval: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-  """(classification rows, one per method; paired differences of each method from CLIP;
-  retrieval rows) for one suite entry."""
+                   eval_fraction: float | None = None, retrieval: bool = False,
+                   recipe: str = "agriclip-jax", predictions: bool = False) -> dict[str, list]:
+  """{"results": rows (one per method), "differences": paired differences from CLIP,
+  "retrieval": rows, "predictions": per image (with `predictions`)} of one suite entry, through
+  `zeroshot.score_task` (`model`: an `api.Model`)."""
   from agriclip_jax import features, tasks
   spec, source = _open_entry_source(entry)
   fraction = entry.eval_fraction if entry.eval_fraction is not None else eval_fraction
   indices = evaluation_indices(source, fraction, limit)
-  need_clip = any(m in ("clip", "ensemble") for m in methods)
-  need_dino = any(m in ("agriclip", "ensemble") for m in methods)
-  encoders = [e for e, needed in ((models.clip_image, need_clip), (models.dino, need_dino)) if needed]
-  if None in encoders:
-    raise ValueError(f"methods {list(methods)} need " + " and ".join(
-        n for n, e, needed in (("a CLIP model (--model)", models.clip_image, need_clip),
-                               ("a DINO model (--dino)", models.dino, need_dino)) if needed and e is None))
-  encoded = features.encode_source(source, indices, encoders, batch_size, cache=cache,
-                                   data_fingerprint=features.data_fingerprint(spec, source),
-                                   desc=entry.task.name)
-  if len(encoded.indices) == 0:
-    raise ValueError(f"task {entry.task.name!r}: none of the {len(indices)} images could be decoded "
-                     f"({encoded.skipped})")
-  retrieval_rows = _retrieval_rows(entry, source, encoded, models, methods) if retrieval else []
-  if entry.task.kind == "captioned" or (retrieval and encoded.labels.max() < 0):
-    return [], [], retrieval_rows  # captions without class labels: retrieval only
+  out: dict[str, list] = {"results": [], "differences": [], "retrieval": [], "predictions": []}
+  if entry.task.kind == "captioned" or (retrieval and not _has_labels(source, indices)):
+    # captions without class labels: retrieval only
+    out["retrieval"] = _retrieval_only(entry, source, indices, model, methods, batch_size, cache,
+                                       spec)
+    return out
   class_names = _class_names(entry, source)
-  if encoded.labels.min() < 0 or encoded.labels.max() >= len(class_names):
-    raise ValueError(f"task {entry.task.name!r}: labels {encoded.labels.min()}..{encoded.labels.max()} "
-                     f"do not index its {len(class_names)} classes (-1 = a record without a label)")
-  prompts_for = tasks.prompt_names(entry.task, class_names)
-  class_emb = zeroshot.class_embeddings(prompts_for, entry.task.templates, models.encode_text)
-  results, differences = zeroshot.evaluate(class_emb, encoded.labels, class_names,
-                              encoded.features.get("clip_image"), encoded.features.get("dino"),
-                              models.aligner, methods, ensemble_weight, models.logit_scale)
-  common = {"task": entry.task.name, "data": spec, "templates": list(entry.task.templates),
-            "prompt_names": prompts_for, "eval_fraction": fraction, "skipped": encoded.skipped,
-            "requested_images": int(len(indices))}
-  rows = [{**common, "method": method, **metrics} for method, metrics in results.items()]
-  return rows, [{"task": entry.task.name, **d} for d in differences], retrieval_rows
+  clean = zeroshot.get_recipe(recipe).clean_names
+  scored = zeroshot.score_task(
+      entry.task.name, source, indices, class_names, entry.task.templates, model, methods,
+      recipe=recipe, prompt_names=tasks.prompt_names(entry.task, class_names) if clean else None,
+      ensemble_weight=ensemble_weight, batch_size=batch_size, cache=cache,
+      data_fingerprint=features.data_fingerprint(spec, source))
+  names = features.record_names(source, scored.encoded.indices)
+  skipped = [{"image": name, "reason": reason} for name, reason in
+             zip(features.record_names(source, [i for i, _ in scored.encoded.skipped_records]),
+                 [reason for _, reason in scored.encoded.skipped_records])]
+  out["results"], out["differences"] = zeroshot.task_rows(
+      scored, data=spec, eval_fraction=fraction, requested_images=int(len(indices)),
+      skipped_images=skipped)
+  if retrieval:
+    out["retrieval"] = _retrieval_rows(entry, source, scored.encoded, model, methods)
+  if predictions:
+    out["predictions"] = zeroshot.task_predictions(scored, names)
+  return out
 
 
-def run_suite(entries, models: Models, methods: Sequence[str], **options) -> dict[str, Any]:
-  rows: list[dict[str, Any]] = []
-  differences: list[dict[str, Any]] = []
-  retrieval_rows: list[dict[str, Any]] = []
+def run_suite(entries, model, methods: Sequence[str], **options) -> dict[str, Any]:
+  """The results document of a list of suite entries: {"results", "mean", and where there are
+  any "differences", "retrieval", "predictions"}."""
+  parts: dict[str, list] = {"results": [], "differences": [], "retrieval": [], "predictions": []}
   for entry in entries:
-    task_rows, task_differences, task_retrieval = evaluate_entry(entry, models, methods, **options)
-    rows.extend(task_rows)
-    differences.extend(task_differences)
-    retrieval_rows.extend(task_retrieval)
-    if task_rows:
+    task = evaluate_entry(entry, model, methods, **options)
+    for key, values in task.items():
+      parts[key].extend(values)
+    rows = task["results"]
+    if rows:
       print(f"[zeroshot] {entry.task.name}: " + ", ".join(
           f"{r['method']} {100 * r['top1']:.1f}% [{100 * r['top1_interval']['low']:.1f}, "
-          f"{100 * r['top1_interval']['high']:.1f}]" for r in task_rows)
-          + f" on {task_rows[0]['num_images']} images (95 % bootstrap intervals)")
-    for r in task_retrieval:
+          f"{100 * r['top1_interval']['high']:.1f}]" for r in rows)
+          + f" on {rows[0]['num_images']} images (95 % bootstrap intervals)"
+          + (f"; {sum(rows[0]['skipped'].values())} unreadable, listed in the results"
+             if rows[0]["skipped"] else ""))
+    for r in task["retrieval"]:
       print(f"[zeroshot] {entry.task.name} retrieval ({r['method']}): image->text R@1/5/10 "
             f"{r['image_to_text_R@1']:.3f}/{r['image_to_text_R@5']:.3f}/{r['image_to_text_R@10']:.3f}, "
             f"text->image {r['text_to_image_R@1']:.3f}/{r['text_to_image_R@5']:.3f}/"
             f"{r['text_to_image_R@10']:.3f}")
-  document: dict[str, Any] = {"results": rows, "mean": zeroshot.suite_means(rows) if rows else {}}
-  if differences:
-    document["differences"] = differences
-  if retrieval_rows:
-    document["retrieval"] = retrieval_rows
+  document: dict[str, Any] = {"results": parts["results"],
+                              "mean": zeroshot.suite_means(parts["results"]) if parts["results"] else {}}
+  document.update({key: values for key, values in parts.items() if key != "results" and values})
   return document
 
 
-def load_models(args: argparse.Namespace, methods: Sequence[str]) -> Models:
-  from agriclip_jax import features
-  if args.model is None:
-    raise ValueError("--model (a CLIP model directory) is required: its text "
-                     "tower embeds the class prompts")
-  clip = features.clip_model_encoders(args.model, args.batch_size)
-  models = Models(clip.encode_text, clip_image=clip.image, logit_scale=clip.logit_scale)
-  if any(m in ("agriclip", "ensemble") for m in methods):
-    if args.dino is None or args.aligner is None:
-      raise ValueError(f"method(s) {list(methods)} need --dino and --aligner")
-    from agriclip_jax import align
-    models.aligner = features.load_aligner_any(args.aligner)
-    recorded = align.read_aligner_metadata(args.aligner) if Path(args.aligner).is_file() else {}
-    pooling = align.resolve_pooling(recorded, args.dino_pooling, args.aligner)
-    models.dino = features.dino_model_encoder(args.dino, pooling=pooling)
-    align.check_provenance(recorded, args.aligner, {"dino": (str(args.dino), models.dino.model_id),
-                                                    "clip": (str(args.model), clip.image.model_id)})
-  return models
+def load_model(args: argparse.Namespace, methods: Sequence[str]):
+  """The `api.Model` the flags name (`api.load`, the one loader, with its provenance and width
+  checks)."""
+  from agriclip_jax import api
+  clip = args.model if args.model is not None else args.clip
+  if clip is None:
+    raise ValueError("--model (a CLIP: model directory, HF directory or open_clip / OpenAI file) "
+                     "is required: its text tower embeds the class prompts")
+  if zeroshot.methods_need(methods)[1] and (args.dino is None or args.aligner is None):
+    raise ValueError(f"method(s) {list(methods)} need --dino and --aligner")
+  use_dino = zeroshot.methods_need(methods)[1]
+  return api.load(clip=clip, dino=args.dino if use_dino else None,
+                  aligner=args.aligner if use_dino else None, dino_pooling=args.dino_pooling,
+                  batch_size=args.batch_size, clip_format=args.clip_format,
+                  tokenizer=args.tokenizer, model_name=args.model_name,
+                  allow_torchscript=args.allow_torchscript)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", type=Path, help="CLIP model directory (text tower + image tower)")
+  parser.add_argument("--model", type=Path,
+                      help="the CLIP: our model directory, an HF CLIPModel directory or an "
+                           "open_clip / OpenAI file (its architecture read from the tensor shapes)")
   parser.add_argument("--dino", type=Path, help="DINO backbone: model directory or .pth")
   parser.add_argument("--aligner", type=Path, help="aligner: .pth | .safetensors | .npz | model dir")
   parser.add_argument("--dino-pooling", default=None,
@@ -198,7 +207,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--template", action="append",
                       help="prompt template with '{}'; repeat for an ensemble of templates")
   parser.add_argument("--suite", type=Path, help="JSON suite file: several tasks, reports the mean")
-  parser.add_argument("--method", choices=(*zeroshot.METHODS, "all"), default="all")
+  parser.add_argument("--method", choices=(*zeroshot.METHODS, "all"), default=None,
+                      help="default: all (agriclip with --clip)")
+  parser.add_argument("--recipe", choices=sorted(zeroshot.RECIPES), default=None,
+                      help="class-embedding rule: agriclip-jax (cleaned class names, unit prompt "
+                           "embeddings averaged; default) or reference (the released AgriCLIP "
+                           "evaluation: folder names as they are, raw average; default with --clip)")
+  parser.add_argument("--predictions", action="store_true", default=None,
+                      help="also write every image's prediction per method (default with --clip)")
   parser.add_argument("--ensemble-weight", type=float, default=0.5, help="weight of the CLIP probabilities")
   parser.add_argument("--eval-fraction", type=float, default=None,
                       help="score only the hashed evaluation split of this size (default: all items)")
@@ -209,12 +225,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also image<->caption recall@1/5/10 from the records' captions; data "
                            "with captions but no labels (a manifest) is evaluated for retrieval only")
   parser.add_argument("--clip", type=Path,
-                      help="the released-bundle path: a CLIP (HF dir, open_clip/OpenAI file or flax "
-                           "dir) for the reference recipe, with --dino X.pth --aligner A.pth --data DIR "
-                           "--task NAME|--template T (ImageNet normalisation, bilinear resize 224 + "
-                           "centre crop, DINO -> aligner -> cosine with the class prompts)")
-  parser.add_argument("--clip-format", help="format of --clip when it cannot be told from the path")
-  parser.add_argument("--tokenizer", type=Path, help="tokenizer for --clip (bpe .txt.gz or HF dir)")
+                      help="the released-bundle shorthand: --model CLIP --recipe reference --method "
+                           "agriclip --predictions, with --dino X.pth --aligner A.pth --data DIR "
+                           "--task NAME|--template T")
+  parser.add_argument("--clip-format", choices=("flax", "hf", "openclip"),
+                      help="format of the CLIP when it cannot be told from the path")
+  parser.add_argument("--model-name", help="open_clip architecture name of an open_clip / OpenAI "
+                                           "file (default: read from its tensor shapes)")
+  parser.add_argument("--allow-torchscript", action="store_true",
+                      help="allow a TorchScript CLIP archive (OpenAI's JIT .pt); loading one "
+                           "unpickles code, so only for files you trust")
+  parser.add_argument("--tokenizer", type=Path,
+                      help="tokenizer of an open_clip / OpenAI file (bpe .txt.gz or HF dir)")
   parser.add_argument("--out", type=Path, required=True, help="results JSON")
 
 
@@ -238,52 +260,36 @@ def entries_from_args(args: argparse.Namespace):
   return [tasks.SuiteEntry(task, args.data, task.split, None)]
 
 
-def run_released_bundle(args: argparse.Namespace) -> int:
-  """The reference AgriCLIP zero-shot recipe on the released weights, entirely in JAX."""
-  from agriclip_jax import reference_bundle
-  missing = [flag for flag, value in (("--dino", args.dino), ("--aligner", args.aligner),
-                                      ("--data", args.data), ("--task or --template",
-                                                              args.task or args.template)) if not value]
-  if missing:
-    raise ValueError(f"--clip runs the reference recipe, which also needs {', '.join(missing)}")
-  result = reference_bundle.run_reference_zeroshot(
-      args.dino, args.aligner, args.clip, args.data, args.task or args.template,
-      clip_format=args.clip_format, tokenizer=args.tokenizer, batch_size=min(args.batch_size, 64),
-      on_bad_image="skip")
-  document = result.summary()
-  document["predictions"] = [{"file": str(path), "label": result.class_names[int(label)],
-                              "prediction": result.class_names[int(prediction)]}
-                             for path, label, prediction in zip(result.files, result.labels,
-                                                                result.predictions)]
-  document["config"] = {"dino": str(args.dino), "aligner": str(args.aligner), "clip": str(args.clip),
-                        "data": str(args.data), "task": args.task, "template": args.template,
-                        "recipe": "reference"}
-  fileio.atomic_write_json(args.out, document, indent=2)
-  print(f"[zeroshot] reference recipe: top-1 {100 * result.accuracy:.2f}% on {len(result.labels)} "
-        f"images ({len(result.skipped)} unreadable, listed in {args.out})")
-  return 0
-
-
 def run(args: argparse.Namespace) -> int:
   from agriclip_jax import features
   fileio.check_writable(args.out)  # a read-only or wrong --out fails now, not after the compute
-  if args.clip is not None:
-    if args.model is not None:
-      raise ValueError("give either --model (our pipeline) or --clip (the reference recipe), not both")
-    return run_released_bundle(args)
-  methods = methods_from_flag(args.method)
+  if args.clip is not None and args.model is not None:
+    raise ValueError("--clip is the released-bundle shorthand for --model; give one of them")
+  bundle = args.clip is not None
+  if bundle:
+    missing = [flag for flag, value in (("--dino", args.dino), ("--aligner", args.aligner),
+                                        ("--data or --suite", args.data or args.suite))
+               if not value]
+    if missing:
+      raise ValueError(f"--clip runs the released-bundle recipe, which also needs {', '.join(missing)}")
+  method = args.method or ("agriclip" if bundle else "all")
+  recipe = args.recipe or ("reference" if bundle else "agriclip-jax")
+  predictions = args.predictions if args.predictions is not None else bundle
+  methods = methods_from_flag(method)
   entries = entries_from_args(args)
-  models = load_models(args, methods)
+  model = load_model(args, methods)
   cache = features.FeatureCache(args.cache) if args.cache else None
-  document = run_suite(entries, models, methods, ensemble_weight=args.ensemble_weight,
+  document = run_suite(entries, model, methods, ensemble_weight=args.ensemble_weight,
                        batch_size=args.batch_size, cache=cache, limit=args.limit,
-                       eval_fraction=args.eval_fraction, retrieval=args.retrieval)
-  document["config"] = {"model": str(args.model), "dino": str(args.dino), "aligner": str(args.aligner),
-                        "methods": list(methods), "ensemble_weight": args.ensemble_weight,
+                       eval_fraction=args.eval_fraction, retrieval=args.retrieval, recipe=recipe,
+                       predictions=predictions)
+  document["config"] = {"model": str(args.model or args.clip), "dino": str(args.dino),
+                        "aligner": str(args.aligner), "methods": list(methods), "recipe": recipe,
+                        "ensemble_weight": args.ensemble_weight,
                         "eval_fraction": args.eval_fraction, "limit": args.limit}
   fileio.atomic_write_json(args.out, document, indent=2)
-  for method, mean in document["mean"].items():
-    print(f"[zeroshot] mean over {mean['tasks']} task(s), {method}: top-1 {100 * mean['top1']:.2f}%, "
-          f"balanced {100 * mean['balanced_accuracy']:.2f}%")
+  for method_name, mean in document["mean"].items():
+    print(f"[zeroshot] mean over {mean['tasks']} task(s), {method_name}: top-1 "
+          f"{100 * mean['top1']:.2f}%, balanced {100 * mean['balanced_accuracy']:.2f}%")
   print(f"[zeroshot] results -> {args.out}")
   return 0
