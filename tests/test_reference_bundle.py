@@ -299,3 +299,36 @@ def test_released_bundle_files_agree_with_the_reference_script_on_field_photos(
   assert cli.main(common + ["--clip", str(root / "ViT-tiny-jit.pt"), "--out",
                             str(tmp_path / "refused.json")]) == 2
   assert "allow-torchscript" in capsys.readouterr().err
+
+
+def test_predict_reads_the_released_bundle_files_like_zeroshot(openai_bundle, corn_dir, capsys):
+  """`agriclip predict` on the same files (TorchScript CLIP behind its flag) gives zeroshot's
+  top-1 (one template: the two recipes' class embeddings coincide)."""
+  import json
+
+  import torch_reference_script
+  from agriclip_jax import cli
+  root = openai_bundle
+  photos = sorted((corn_dir / "field" / "Common_Rust").glob("*.jpg"))[:3]
+  labels = ["Blight", "Common_Rust", "Gray_Leaf_Spot"]
+  template = "a photo of a corn leaf with {}"
+  assert cli.main(["predict", "--model", str(root / "ViT-tiny-jit.pt"), "--allow-torchscript",
+                   "--dino", str(root / "dino_pretrain.pth"), "--aligner", str(root / "aligner.pth"),
+                   "--labels", ",".join(labels), "--template", template, "--json",
+                   *map(str, photos)]) == 0
+  got = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  clip = torch_reference_script.load_openai_clip(root / "ViT-tiny.pt")
+  dino = torch_reference_script.load_resnet50(root / "dino_pretrain.pth")
+  aligner = torch.load(root / "aligner.pth", weights_only=True)
+  text = torch_reference_script.zeroshot_weights(clip, labels, [template])
+  from torchvision import transforms
+  from PIL import Image
+  view = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
+                             transforms.Normalize(torch_reference_script.IMAGENET_MEAN,
+                                                  torch_reference_script.IMAGENET_STD)])
+  with torch.no_grad():
+    images = torch.stack([view(Image.open(p).convert("RGB")) for p in photos])
+    aligned = dino(images) @ aligner["W"].T + aligner["b"]
+    want = (aligned / aligned.norm(dim=-1, keepdim=True) @ text.T).argmax(dim=1).tolist()
+  assert [g["image"] for g in got] == [str(p) for p in photos]
+  assert [g["top"][0]["label"] for g in got] == [labels[i] for i in want]

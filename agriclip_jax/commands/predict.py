@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--top-k", type=int, default=3)
   parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
   parser.add_argument("--batch-size", type=int, default=32)
+  from agriclip_jax.commands.zeroshot import add_clip_load_arguments
+  add_clip_load_arguments(parser)
 
 
 def read_labels(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
@@ -81,12 +83,14 @@ def image_paths(specs: list[str]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
   from agriclip_jax import api
+  from agriclip_jax.commands.zeroshot import clip_load_options
   if args.top_k < 1:
     raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
   labels, templates = read_labels(args)
   paths = image_paths(args.images)
   model = api.load(clip=args.model, dino=args.dino, aligner=args.aligner,
-                   dino_pooling=args.dino_pooling, batch_size=args.batch_size)
+                   dino_pooling=args.dino_pooling, batch_size=args.batch_size,
+                   **clip_load_options(args))
   predictions = model.classify(paths, labels, templates, args.method, args.ensemble_weight)
   k = min(args.top_k, len(labels))
   if args.json:

@@ -186,17 +186,33 @@ def load_model(args: argparse.Namespace, methods: Sequence[str]):
   use_dino = zeroshot.methods_need(methods)[1]
   return api.load(clip=clip, dino=args.dino if use_dino else None,
                   aligner=args.aligner if use_dino else None, dino_pooling=args.dino_pooling,
-                  batch_size=args.batch_size, clip_format=args.clip_format,
-                  tokenizer=args.tokenizer, model_name=args.model_name,
-                  allow_torchscript=args.allow_torchscript)
+                  batch_size=args.batch_size, **clip_load_options(args))
+
+
+def add_clip_load_arguments(parser: argparse.ArgumentParser) -> None:
+  """How to read a CLIP file (`features.load_clip_model`); shared by zeroshot and predict."""
+  parser.add_argument("--clip-format", choices=("flax", "hf", "openclip"),
+                      help="format of the CLIP when it cannot be told from the path")
+  parser.add_argument("--model-name", help="open_clip architecture name of an open_clip / OpenAI "
+                                           "file (default: read from its tensor shapes)")
+  parser.add_argument("--allow-torchscript", action="store_true",
+                      help="allow a TorchScript CLIP archive (OpenAI's JIT .pt); loading one "
+                           "unpickles code, so only for files you trust")
+  parser.add_argument("--tokenizer", type=fileio.input_path,
+                      help="tokenizer of an open_clip / OpenAI file (bpe .txt.gz or HF dir)")
+
+
+def clip_load_options(args: argparse.Namespace) -> dict:
+  return {"clip_format": args.clip_format, "tokenizer": args.tokenizer,
+          "model_name": args.model_name, "allow_torchscript": args.allow_torchscript}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", type=Path,
+  parser.add_argument("--model", type=fileio.input_path,
                       help="the CLIP: our model directory, an HF CLIPModel directory or an "
                            "open_clip / OpenAI file (its architecture read from the tensor shapes)")
-  parser.add_argument("--dino", type=Path, help="DINO backbone: model directory or .pth")
-  parser.add_argument("--aligner", type=Path, help="aligner: .pth | .safetensors | .npz | model dir")
+  parser.add_argument("--dino", type=fileio.input_path, help="DINO backbone: model directory or .pth")
+  parser.add_argument("--aligner", type=fileio.input_path, help="aligner: .pth | .safetensors | .npz | model dir")
   parser.add_argument("--dino-pooling", default=None,
                       help="DINO ViT features the aligner was fitted on: 'cls', 'cls+avgpool' or "
                            "'lastN'. A .safetensors aligner from `agriclip align` records its own "
@@ -224,20 +240,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--retrieval", action="store_true",
                       help="also image<->caption recall@1/5/10 from the records' captions; data "
                            "with captions but no labels (a manifest) is evaluated for retrieval only")
-  parser.add_argument("--clip", type=Path,
+  parser.add_argument("--clip", type=fileio.input_path,
                       help="the released-bundle shorthand: --model CLIP --recipe reference --method "
                            "agriclip --predictions, with --dino X.pth --aligner A.pth --data DIR "
                            "--task NAME|--template T")
-  parser.add_argument("--clip-format", choices=("flax", "hf", "openclip"),
-                      help="format of the CLIP when it cannot be told from the path")
-  parser.add_argument("--model-name", help="open_clip architecture name of an open_clip / OpenAI "
-                                           "file (default: read from its tensor shapes)")
-  parser.add_argument("--allow-torchscript", action="store_true",
-                      help="allow a TorchScript CLIP archive (OpenAI's JIT .pt); loading one "
-                           "unpickles code, so only for files you trust")
-  parser.add_argument("--tokenizer", type=Path,
-                      help="tokenizer of an open_clip / OpenAI file (bpe .txt.gz or HF dir)")
-  parser.add_argument("--out", type=Path, required=True, help="results JSON")
+  add_clip_load_arguments(parser)
+  parser.add_argument("--out", type=fileio.resolve_path, required=True, help="results JSON")
 
 
 def entries_from_args(args: argparse.Namespace):
