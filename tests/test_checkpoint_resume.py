@@ -1,7 +1,8 @@
 """Faults during `agriclip train`: kill -9, SIGTERM and a half-written checkpoint, then resume.
 
 Every logged loss and the final parameters equal those of an uninterrupted run. Each run is a
-real `python -m agriclip_jax train` subprocess on one CPU device with the tiniest config.
+real `python -m agriclip_jax train` subprocess on one CPU device with the tiniest config; one
+trains joint on real photos with the views rendered on the device (data.augment_on=device).
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ ARGS = ["--config", str(REPO / "configs/tiny.py:contrastive"), f"--config.total_
         "--config.tensorboard=False"]
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
   env = dict(os.environ)
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(REPO))
+             PYTHONPATH=str(REPO), **extra)
   return env
 
 
-def _start(workdir: Path) -> subprocess.Popen:
+def _start(workdir: Path, args: list[str] = ARGS, env: dict[str, str] | None = None
+           ) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", "agriclip_jax", "train", "--workdir", str(workdir),
-                           *ARGS], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                           *args], cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
@@ -65,13 +67,26 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
   return process.returncode, out
 
 
-def _final_params(workdir: Path) -> dict[str, np.ndarray]:
+def _final_params(workdir: Path, part: str = "clip") -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
-  return load_file(str(workdir / "models/clip/model.safetensors"))
+  return load_file(str(workdir / f"models/{part}/model.safetensors"))
 
 
 def _checkpoint_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _kill_after_first_checkpoint(process: subprocess.Popen, workdir: Path) -> int:
+  """kill -9 once a checkpoint is committed (Orbax renames a step directory to its number only
+  when complete); returns the last logged step."""
+  deadline = time.time() + 240
+  while not (workdir / "checkpoints").is_dir() or not _checkpoint_steps(workdir):
+    assert process.poll() is None, "the run ended before its first checkpoint was committed"
+    assert time.time() < deadline, "no checkpoint within 240 s"
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  return _logged_steps(workdir)[-1]["step"]
 
 
 def test_kill_sigterm_and_half_written_checkpoint_resume_exactly(tmp_path):
@@ -85,12 +100,7 @@ def test_kill_sigterm_and_half_written_checkpoint_resume_exactly(tmp_path):
   # 1. kill -9 in the middle of the run.
   process = _start(workdir)
   _wait_for_step(process, workdir, 6)
-  while not (workdir / "checkpoints").is_dir() or not _checkpoint_steps(workdir):
-    assert process.poll() is None, "the run ended before its first checkpoint was committed"
-    time.sleep(0.01)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  killed_at = _logged_steps(workdir)[-1]["step"]
+  killed_at = _kill_after_first_checkpoint(process, workdir)
   assert killed_at < TOTAL
 
   # 2. resume, then SIGTERM: a checkpoint within one step, exit code 0.
@@ -162,3 +172,50 @@ def test_checkpoint_restores_onto_a_different_mesh_with_the_data_position(tmp_pa
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), host)
     batch = next(resumed_iterator)
     np.testing.assert_array_equal(batch["tokens"], expected_next["tokens"])
+
+
+def test_kill_9_with_views_rendered_on_the_device_resumes_exactly(tmp_path):
+  """Joint training on the 12 vendored photos with data.augment_on=device: the Grain iterator
+  ships uint8 canvases and crop plans, the loop renders the CLIP view and the multi-crop jitted.
+  Killed after its first checkpoint and resumed, the run logs the losses of an uninterrupted one
+  bit for bit (the same views, the same steps) and exports the same CLIP and DINO weights."""
+  from agriclip_jax.tokenizer import train_bpe_tokenizer
+  photos = sorted((REPO / "tests" / "data" / "corn").rglob("*.jpg"))
+  assert len(photos) == 12
+  captions = [f"a {p.parent.name.replace('_', ' ').lower()} leaf" for p in photos]
+  manifest = tmp_path / "corn.jsonl"
+  manifest.write_text("".join(json.dumps({"image": str(p), "captions": [c]}) + "\n"
+                              for p, c in zip(photos, captions)))
+  tokenizer = train_bpe_tokenizer(captions * 4, vocab_size=600, out_dir=tmp_path / "tokenizer")
+  total = 30
+  args = ["--config", str(REPO / "configs/tiny.py:joint"), f"--config.total_steps={total}",
+          "--config.log_every_steps=1", "--config.checkpoint_every_steps=6",
+          "--config.keep_checkpoints=3", "--config.clip.layers=1", "--config.batch_size=4",
+          "--config.tensorboard=False", f"--config.data.source={manifest}",
+          f"--config.data.tokenizer={tmp_path / 'tokenizer'}",
+          f"--config.clip.vocab_size={tokenizer.vocab_size}", "--config.data.augment_on=device"]
+  # The later runs load the uninterrupted run's compiled programs from JAX's persistent cache:
+  # the same executables, a third of the CPU time.
+  env = _env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  reference_dir, workdir = tmp_path / "uninterrupted", tmp_path / "interrupted"
+  code, out = _finish(_start(reference_dir, args, env))
+  assert code == 0, out[-3000:]
+  killed_at = _kill_after_first_checkpoint(_start(workdir, args, env), workdir)
+  assert killed_at < total
+  code, out = _finish(_start(workdir, args, env))
+  assert code == 0, out[-3000:]
+  assert "resumed from" in out
+
+  reference = {m["step"]: m for m in _logged_steps(reference_dir)}
+  resumed = {m["step"]: m for m in _logged_steps(workdir)}
+  assert sorted(reference) == sorted(resumed) == list(range(1, total + 1))
+  for name in ("loss", "contrastive_loss", "dino_loss"):
+    assert [resumed[s][name] for s in range(1, total + 1)] == \
+        [reference[s][name] for s in range(1, total + 1)], name
+  for part in ("clip", "dino"):
+    final, expected = _final_params(workdir, part), _final_params(reference_dir, part)
+    assert final.keys() == expected.keys()
+    for name in expected:
+      np.testing.assert_array_equal(final[name], expected[name], err_msg=f"{part}/{name}")
