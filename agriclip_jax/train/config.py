@@ -91,6 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.distributed = ml_collections.ConfigDict(dict(initialization_timeout=300,
                                                  heartbeat_timeout_seconds=100))
+  # Evaluations between steps on the current parameters (train/evals.py): a tuple of dicts, e.g.
+  # dict(name="corn", kind="zeroshot", source="data/corn", templates=("a photo of {}.",),
+  # every=500) or dict(name="corn_knn", kind="knn", train=..., test=..., k=20, every=500).
+  c.evals = ()
   # Data: "toy" generates structured data in-process; anything else goes to input_pipeline.
   c.data = ml_collections.ConfigDict(dict(
       source="toy", toy_records=1024, image_size=224, context_length=77, global_crop_size=224,
@@ -193,3 +197,6 @@ def validate_config(config: Any, n_devices: int, process_count: int = 1) -> None
                            f"size {patch} of dino.variant={config.dino.variant!r}")
     if config.data.n_local_crops < 0:
       raise ValueError(f"config.data.n_local_crops={config.data.n_local_crops} must be >= 0")
+  from agriclip_jax.train.evals import validate_evals
+  validate_evals(config.get("evals", ()), config.kind,
+                 config.data.get("tokenizer") or config.clip.get("init_from"))

@@ -19,7 +19,9 @@ import numpy as np
 from agriclip_jax.fileio import atomic_write_text
 
 from agriclip_jax.train import checkpoint as ckpt_lib
+from agriclip_jax.train import evals as evals_lib
 from agriclip_jax.train import multihost
+from agriclip_jax.train import prefetch
 from agriclip_jax.train import state as state_lib
 from agriclip_jax.train import steps as steps_lib
 from agriclip_jax.train import workdir_lock
@@ -101,17 +103,21 @@ def check_tokenizer_fits(tokenizer_size: int, tokenizer_path: str, config: Any) 
 class PreemptionFlag:
   """Set by SIGTERM or a first SIGINT (Ctrl-C): the loop saves at the next step boundary and
   exits cleanly. A second SIGINT raises KeyboardInterrupt at once; the step being saved then is
-  left under Orbax's temporary name, which a restore never reads."""
+  left under Orbax's temporary name, which a restore never reads.
+
+  `signals`: those handled here. A multi-process run with JAX's preemption service leaves
+  SIGTERM to the service (`preemption_signals`)."""
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, signals: tuple[int, ...] = SIGNALS):
+    self.signals = tuple(signals)
     self.requested = False
     self.signal_name: str | None = None
     self._previous: dict[int, Any] = {}
 
   def __enter__(self):
-    for signum in self.SIGNALS:
+    for signum in self.signals:
       try:
         self._previous[signum] = signal.signal(signum, self._handle)
       except ValueError:  # not the main thread: no signal handling
@@ -130,7 +136,41 @@ class PreemptionFlag:
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
+      if previous is not None:  # None: a handler installed outside Python, which stays replaced
+        signal.signal(signum, previous)
+
+
+def preemption_signals(service_running: bool) -> tuple[int, ...]:
+  """The signals `PreemptionFlag` handles. JAX's preemption service catches SIGTERM with its own
+  handler, which a Python handler would replace (and the service would never hear of the
+  preemption), so with the service only Ctrl-C is ours."""
+  return (signal.SIGINT,) if service_running else PreemptionFlag.SIGNALS
+
+
+class PreemptionCheck:
+  """After each step: save and stop now? The same answer on every process, without a per-step
+  collective (one would make every step wait for the previous one to finish on the device).
+
+  - one process: its own flag (SIGTERM / SIGINT), at every step;
+  - several, with JAX's preemption service: `multihost.reached_preemption_step`, a host-local
+    check at every step of the step all processes agreed on after a SIGTERM on any of them;
+  - several, for what the service does not see (Ctrl-C; SIGTERM when the service is off):
+    `multihost.any_process` of the flags, only at log steps, which wait for the device anyway.
+    This stops within `log_every_steps` steps of the signal, not at the next step.
+  """
+
+  def __init__(self, flag: PreemptionFlag, service_running: bool):
+    self.flag = flag
+    self.service_running = service_running
+
+  def __call__(self, step: int, log_step: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.flag.requested
+    if self.service_running and multihost.reached_preemption_step(step):
+      # The service reacts to SIGTERM (on this process or another one).
+      self.flag.signal_name = self.flag.signal_name or "SIGTERM"
+      return True
+    return log_step and multihost.any_process(self.flag.requested)
 
 
 def _format_eta(seconds: float) -> str:
@@ -243,12 +283,15 @@ def train(config: Any, workdir: str | Path, stop_after_steps: int | None = None)
   check_workdir_kind(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt_lib.quiet_save_tracebacks()
-  with workdir_lock.holding(workdir, enabled=process_index == 0), PreemptionFlag() as preemption:
-    return _train_in_workdir(config, workdir, mesh, dataset, task, preemption, stop_after_steps)
+  service = multihost.preemption_service_running()
+  with workdir_lock.holding(workdir, enabled=process_index == 0), \
+      PreemptionFlag(preemption_signals(service)) as flag:
+    return _train_in_workdir(config, workdir, mesh, dataset, task, PreemptionCheck(flag, service),
+                             stop_after_steps)
 
 
 def _train_in_workdir(config: Any, workdir: Path, mesh: Any, dataset: Any,
-                      task: state_lib.TrainTask, preemption: PreemptionFlag,
+                      task: state_lib.TrainTask, preemption: PreemptionCheck,
                       stop_after_steps: int | None) -> dict[str, Any]:
   process_count = jax.process_count()
   is_main = jax.process_index() == 0
@@ -295,54 +338,101 @@ def _train_in_workdir(config: Any, workdir: Path, mesh: Any, dataset: Any,
   return last
 
 
+def first_nonfinite_step(flags: Any, first_step: int) -> int | None:
+  """The step of the first non-zero flag, where flags[i] belongs to step first_step + i."""
+  bad = np.flatnonzero(np.asarray(flags).reshape(-1))
+  return int(first_step + bad[0]) if bad.size else None
+
+
+def stop_if_nonfinite(flags: list[jax.Array], step: int,
+                      checkpointer: ckpt_lib.Checkpointer) -> None:
+  """nonfinite="stop": the per-step flags of the steps since the last check (read here, in one
+  transfer, at a log or checkpoint step) name the first bad step. Nothing after it is saved: the
+  newest checkpoint stays the last good state."""
+  bad = first_nonfinite_step(jax.device_get(flags), step - len(flags) + 1)
+  if bad is None:
+    return
+  checkpointer.close()
+  seen = "" if bad == step else f" (seen at step {step}: checks run at log and checkpoint steps)"
+  latest = checkpointer.latest_step()
+  kept = (f"the last good checkpoint ({latest}) is intact in {checkpointer.directory}"
+          if latest is not None else f"no checkpoint had been saved in {checkpointer.directory}")
+  raise NonFiniteLossError(
+      f"non-finite loss or gradient at step {bad}{seen}; nothing after it was saved and {kept}")
+
+
 def _run_steps(config, state, start_step, mesh, shardings, task, data_iterator, checkpointer,
                writer, preemption, stop_after_steps, workdir) -> dict[str, Any]:
+  """The steps. Between log and checkpoint steps nothing is read back from the devices (no
+  metric, no flag, no collective), so the host dispatches step k+1 while step k runs; log steps,
+  checkpoint steps and the preemption stop are the only points where the host waits."""
   is_main = jax.process_index() == 0
   step_fn = steps_lib.jit_train_step(task, mesh, shardings, config.fast_compile)
   # Host views pass through; with data.augment_on = device the views are rendered here, jitted
   # beside the step, from the uint8 canvases and crop plans the input pipeline ships.
   from input_pipeline.device_augment import make_batch_augment
   augment = make_batch_augment(config, mesh)
+  # The next batches are put on the mesh while the current step runs. Checkpoints save the
+  # prefetcher's position: the data iterator itself is ahead by the batches in flight.
+  batches = prefetch.DevicePrefetch(data_iterator,
+                                    lambda local: augment(to_global_batch(local, mesh)))
   total = config.total_steps
   last: dict[str, Any] = {}
   window_start, window_steps = time.perf_counter(), 0
   run_start, steps_done_here = time.perf_counter(), 0
+  nonfinite_flags: list[jax.Array] = []  # nonfinite="stop": each step's flag since the last check
+  trained_models = evals_lib.TrainedModels(task, config)  # for config.evals
 
   step = start_step
   while step < total:
-    batch = augment(to_global_batch(next(data_iterator), mesh))
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, next(batches))
     step += 1
     window_steps += 1
     steps_done_here += 1
+    if config.nonfinite == "stop":
+      nonfinite_flags.append(metrics["nonfinite"])
 
-    if config.nonfinite == "stop" and int(metrics["nonfinite"]):
-      checkpointer.close()
-      raise NonFiniteLossError(
-          f"non-finite loss or gradient at step {step}; the state was not updated and the last "
-          f"good checkpoint ({checkpointer.latest_step()}) is intact in {checkpointer.directory}")
+    log_step = step % config.log_every_steps == 0 or step == total
+    preempted = preemption(step, log_step)
+    save_step = step % config.checkpoint_every_steps == 0 or step == total or preempted
+    if nonfinite_flags and (log_step or save_step):
+      stop_if_nonfinite(nonfinite_flags, step, checkpointer)
+      nonfinite_flags = []
 
-    if step % config.log_every_steps == 0 or step == total:
+    record: dict[str, Any] = {}  # one metrics.jsonl line per step: training and evaluations
+    if log_step:
       host = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - window_start
       host["images_per_sec"] = config.batch_size * window_steps / max(elapsed, 1e-9)
-      writer.write(step, host)
+      record.update(host)
       last = {"step": step, **host}
-      window_start, window_steps = time.perf_counter(), 0
       if is_main:
         rate = (time.perf_counter() - run_start) / steps_done_here
         print(f"step {step}/{total}  loss {host['loss']:.4f}  "
               f"{host['images_per_sec']:.1f} img/s  ETA {_format_eta(rate * (total - step))}",
               flush=True)
+    due = evals_lib.due(config.get("evals", ()), step)
+    if due:
+      results = evals_lib.run_due(due, step, state, trained_models, mesh,
+                                  report=None if is_main else (lambda line: None))
+      record.update(results)
+      last.update(results)
+      if is_main and results:
+        print(f"step {step}/{total}  " + "  ".join(f"{k} {v:.4g}" for k, v in results.items()),
+              flush=True)
+    if record:
+      writer.write(step, record)
+    if log_step or due:
+      # the evaluation's time is not the steps': images/sec counts from here
+      window_start, window_steps = time.perf_counter(), 0
 
-    preempted = multihost.any_process(preemption.requested)
-    if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+    if save_step:
       check_skipped_steps(state, step, config, checkpointer)
       writer.sync()  # the metrics of the steps this checkpoint covers are on disk first
-      checkpointer.save(step, state, data_iterator)
+      checkpointer.save(step, state, batches.position())
     if preempted:
       checkpointer.close()
-      name = preemption.signal_name or "a signal on another process"
+      name = preemption.flag.signal_name or "a signal on another process"
       if is_main:
         print(f"stopped by {name}: checkpoint saved at step {step} in {checkpointer.directory}; "
               f"run the same command again to resume", flush=True)

@@ -70,6 +70,28 @@ def any_process(flag: bool) -> bool:
   return bool(np.asarray(flags).any())
 
 
+def preemption_service_running() -> bool:
+  """Whether JAX's preemption sync manager runs in this process: started by
+  `jax.distributed.initialize` when several processes take part and the
+  `jax_enable_preemption_service` option is on (the default). It catches SIGTERM itself (its own
+  C handler), tells the coordination service, and every process then agrees in the background
+  on the step at which to save (`reached_preemption_step`)."""
+  if jax.process_count() == 1:
+    return False
+  # Not part of JAX's public API: a JAX that moves it gets the fallback (a collective at log steps).
+  from jax._src import distributed
+  return getattr(getattr(distributed, "global_state", None), "preemption_sync_manager",
+                 None) is not None
+
+
+def reached_preemption_step(step: int) -> bool:
+  """True, on every process at the same step, from the step all processes agreed to save at
+  after one of them got a preemption notice. A host-local check, no collective: it must be
+  called once at every step, by every process."""
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.reached_preemption_sync_point(step))
+
+
 def host_value(x: Any) -> Any:
   """A replicated global array as a host value, on every process."""
   return jax.device_get(x)
