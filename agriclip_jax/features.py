@@ -3,10 +3,11 @@
 The core works on plain callables so that it serves every model:
 - an `ImageEncoder` is a name, a fingerprint (what the cache key is made of), a `view` (decoded
   uint8 image -> float32 [H, W, 3] model input) and an `apply` (a jittable [B, H, W, 3] -> [B, D]);
-- `encode_source` decodes each record of a data source once, builds every encoder's view from it,
-  and runs the encoders on fixed-size batches split over the devices along a "data" mesh axis (the
-  last batch is padded, so each encoder compiles once); records that cannot be decoded are skipped,
-  counted by reason and reported, never dropped silently;
+- `encode_source` reads each record of a data source through Grain, decodes it once, builds
+  every encoder's view from it, and runs the encoders on fixed-size batches split over the
+  devices along a "data" mesh axis (the last batch is padded, so each encoder compiles once);
+  records that cannot be decoded are skipped, counted by reason and reported, never dropped
+  silently; with several processes each encodes its own slice and the slices are gathered;
 - `FeatureCache` stores [N, D] features with the indices they belong to, keyed by a hash of the model
   fingerprint, the data fingerprint and the view, so a rerun reads them back instead of recomputing.
 
@@ -16,7 +17,6 @@ The core works on plain callables so that it serves every model:
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -132,9 +132,11 @@ class FeatureCache:
 # ----------------------------------------------------------------------------------------------
 
 def data_mesh(devices: Sequence[Any] | None = None):
+  """A 1-D "data" mesh over `devices`, by default this process's own devices (in a
+  multi-process run each process encodes its own slice; `encode_source` gathers them)."""
   import jax
   from jax.sharding import Mesh
-  devices = list(devices if devices is not None else jax.devices())
+  devices = list(devices if devices is not None else jax.local_devices())
   return Mesh(np.array(devices), ("data",))
 
 
@@ -270,82 +272,149 @@ class EncodedImages:
   skipped_records: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (index, reason)
 
 
-def _iter_decoded(source, indices: Sequence[int], workers: int,
-                  exif_transposes: Sequence[bool]) -> Iterator[tuple[int, Any]]:
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    # Threads: PIL decodes and resizes outside the GIL; map keeps the order.
-    yield from zip(indices, pool.map(lambda i: _decode_record(source[int(i)], exif_transposes),
-                                     indices))
+def _decoded_views(source, indices: Sequence[int], encoders: Sequence[ImageEncoder],
+                   workers: int, prefetch: int) -> Iterator[tuple[int, Any, int]]:
+  """(index, {encoder name: view} or the reason the record cannot be used, label) in order,
+  through Grain: records are read, decoded (once per EXIF setting) and viewed in `workers`
+  threads (PIL works outside the GIL), `prefetch` records ahead."""
+  import grain
+  exif_transposes = sorted({e.exif_transpose for e in encoders})
+
+  def prepare(index):
+    decoded, label = _decode_record(source[int(index)], exif_transposes)
+    if isinstance(decoded, str):
+      return int(index), decoded, label
+    return int(index), {e.name: e.view(decoded[e.exif_transpose]) for e in encoders}, label
+
+  dataset = grain.MapDataset.source(np.asarray(indices, np.int64)).map(prepare)
+  yield from dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers),
+                                                       prefetch_buffer_size=max(1, prefetch)))
+
+
+def _process_slice(indices: np.ndarray) -> np.ndarray:
+  """This process's contiguous share of `indices` (all of them in a single-process run)."""
+  import jax
+  return np.array_split(indices, jax.process_count())[jax.process_index()]
 
 
 def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncoder],
                   batch_size: int = 128, mesh=None, cache: FeatureCache | None = None,
                   data_fingerprint: str | None = None, desc: str = "images",
                   workers: int | None = None) -> EncodedImages:
-  """Features of `source[i]` for i in `indices` under every encoder (one decode per image)."""
-  from tqdm import tqdm
+  """Features of `source[i]` for i in `indices` under every encoder (one decode per image).
+
+  With several processes each encodes a contiguous slice of `indices` on its own devices and
+  the slices are gathered, so every process returns what one process would; the cache is read
+  only when every process finds it, and written by process 0."""
+  import jax
   indices = np.asarray(indices, np.int64)
   if cache is not None and data_fingerprint is None:
     raise ValueError("a feature cache needs a data fingerprint")
   keys = {e.name: FeatureCache.key(e.fingerprint, fingerprint(data_fingerprint, indices.tolist()),
                                    e.view_name) for e in encoders} if cache is not None else {}
-  features: dict[str, np.ndarray] = {}
-  cached_indices = cached_labels = None
-  for encoder in encoders:
-    hit = cache.get(keys[encoder.name]) if cache is not None else None
-    if hit is not None:
-      features[encoder.name], cached_indices, cached_labels = hit
+  hits = {e.name: cache.get(keys[e.name]) for e in encoders} if cache is not None else {}
+  if hits and jax.process_count() > 1:  # all or none: a collective below must run everywhere
+    everywhere = _allgather_json({name: hit is not None for name, hit in hits.items()})
+    hits = {name: hit if all(found[name] for found in everywhere) else None
+            for name, hit in hits.items()}
+  features = {name: hit[0] for name, hit in hits.items() if hit is not None}
   pending = [e for e in encoders if e.name not in features]
   if not pending:
+    _, cached_indices, cached_labels = next(iter(hits.values()))
     return EncodedImages(features, cached_indices, cached_labels, {})
+  encoded = _encode_local(source, _process_slice(indices), pending, batch_size, mesh, desc,
+                          workers or min(8, os.cpu_count() or 1))
+  if jax.process_count() > 1:
+    encoded = _gather_processes(encoded, [e.name for e in pending])
+  cached = next((hit for hit in hits.values() if hit is not None), None)
+  if cached is not None and not np.array_equal(cached[1], encoded.indices):
+    raise ValueError("cached features cover other images than the ones decoded now; "
+                     f"clear the cache at {cache.root}")
+  if cache is not None and jax.process_index() == 0:
+    for e in pending:
+      cache.put(keys[e.name], encoded.features[e.name], encoded.indices, encoded.labels,
+                {"encoder": e.name, "view": e.view_name, "skipped": encoded.skipped})
+  if encoded.skipped:
+    print(f"[features] {desc}: skipped {sum(encoded.skipped.values())} of {len(indices)} records "
+          f"that could not be decoded: {encoded.skipped}")
+  encoded.features.update(features)
+  return encoded
 
-  runners = {e.name: ShardedApply(e.apply, batch_size, mesh, e.params) for e in pending}
+
+def _encode_local(source, indices: np.ndarray, encoders: Sequence[ImageEncoder], batch_size: int,
+                  mesh, desc: str, workers: int) -> EncodedImages:
+  """`encode_source` on this process's devices: fixed-size batches (the last padded, so that
+  each encoder compiles once) split over the mesh."""
+  from tqdm import tqdm
+  runners = {e.name: ShardedApply(e.apply, batch_size, mesh, e.params) for e in encoders}
   step = min(r.batch_size for r in runners.values())
-  outputs: dict[str, list[np.ndarray]] = {e.name: [] for e in pending}
+  outputs: dict[str, list[np.ndarray]] = {e.name: [] for e in encoders}
+  views: dict[str, list[np.ndarray]] = {e.name: [] for e in encoders}
   kept: list[int] = []
   labels: list[int] = []
   skipped: Counter = Counter()
   skipped_records: list[tuple[int, str]] = []
-  views: dict[str, list[np.ndarray]] = {e.name: [] for e in pending}
 
   def flush():
-    for e in pending:
+    for e in encoders:
       if views[e.name]:
         outputs[e.name].append(runners[e.name](np.stack(views[e.name])))
         views[e.name] = []
 
-  # One decode per record and EXIF setting (encoders normally agree, so that is one decode).
-  exif_transposes = sorted({e.exif_transpose for e in pending})
   with tqdm(total=len(indices), desc=desc, unit="img") as bar:
-    for index, (decoded, label) in _iter_decoded(source, indices, workers or min(8, os.cpu_count() or 1),
-                                                 exif_transposes):
+    for index, prepared, label in _decoded_views(source, indices, encoders, workers, 2 * step):
       bar.update(1)
-      if isinstance(decoded, str):
-        skipped[decoded] += 1
-        skipped_records.append((int(index), decoded))
+      if isinstance(prepared, str):
+        skipped[prepared] += 1
+        skipped_records.append((index, prepared))
         continue
-      kept.append(int(index))
+      kept.append(index)
       labels.append(label)
-      for e in pending:
-        views[e.name].append(e.view(decoded[e.exif_transpose]))
+      for e in encoders:
+        views[e.name].append(prepared[e.name])
       if len(kept) % step == 0:
         flush()
     flush()
-  kept_indices = np.asarray(kept, np.int64)
-  if cached_indices is not None and not np.array_equal(cached_indices, kept_indices):
-    raise ValueError("cached features cover other images than the ones decoded now; "
-                     f"clear the cache at {cache.root}")
-  for e in pending:
-    features[e.name] = (np.concatenate(outputs[e.name]) if outputs[e.name]
-                        else np.zeros((0, 0), np.float32))
-    if cache is not None:
-      cache.put(keys[e.name], features[e.name], kept_indices, np.asarray(labels, np.int64),
-                {"encoder": e.name, "view": e.view_name, "skipped": dict(skipped)})
-  if skipped:
-    print(f"[features] {desc}: skipped {sum(skipped.values())} of {len(indices)} records that could "
-          f"not be decoded: {dict(skipped)}")
-  return EncodedImages(features, kept_indices, np.asarray(labels, np.int64), dict(skipped),
-                       skipped_records)
+  features = {e.name: np.concatenate(outputs[e.name]) if outputs[e.name]
+              else np.zeros((0, 0), np.float32) for e in encoders}
+  return EncodedImages(features, np.asarray(kept, np.int64), np.asarray(labels, np.int64),
+                       dict(skipped), skipped_records)
+
+
+def _allgather_json(value: Any) -> list[Any]:
+  """Every process's JSON-able `value`, in process order (a collective: all processes call it)."""
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(gathered, lengths.ravel())]
+
+
+def _gather_processes(local: EncodedImages, names: Sequence[str]) -> EncodedImages:
+  """The slices of every process joined in process order: one process's result."""
+  from jax.experimental import multihost_utils
+  info = _allgather_json({"kept": len(local.indices), "skipped": local.skipped_records,
+                          "widths": {n: int(local.features[n].shape[1]) if len(local.indices) else 0
+                                     for n in names}})
+  rows = max(1, max(part["kept"] for part in info))
+  counts = [part["kept"] for part in info]
+
+  def gather(array: np.ndarray, width: int | None = None) -> np.ndarray:
+    shape = (rows,) if width is None else (rows, width)
+    padded = np.zeros(shape, array.dtype)
+    padded[:len(array)] = array.reshape((len(array),) + shape[1:])
+    stacked = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([part[:count] for part, count in zip(stacked, counts)])
+
+  features = {}
+  for name in names:
+    width = max(part["widths"][name] for part in info)
+    features[name] = gather(local.features[name].astype(np.float32), width)
+  skipped_records = [(int(i), str(r)) for part in info for i, r in part["skipped"]]
+  return EncodedImages(features, gather(local.indices), gather(local.labels),
+                       dict(Counter(reason for _, reason in skipped_records)), skipped_records)
 
 
 # ----------------------------------------------------------------------------------------------

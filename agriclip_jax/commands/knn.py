@@ -46,6 +46,8 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--cache", type=Path, help="feature cache folder")
   parser.add_argument("--out", type=Path, required=True, help="results JSON")
+  from agriclip_jax.commands import distributed
+  distributed.add_arguments(parser)
 
 
 @dataclasses.dataclass
@@ -62,8 +64,9 @@ def _needs(kinds) -> tuple[bool, bool]:
 
 
 def load_encoders(args: argparse.Namespace):
-  """(image encoders for features.encode_source, the aligner or None), checked before any image."""
-  from agriclip_jax import features
+  """(image encoders for features.encode_source, the aligner or None) through `api.load`, the one
+  loader (aligner provenance and widths checked before any image)."""
+  from agriclip_jax import api
   need_clip, need_dino = _needs(args.features)
   need_aligner = any(k in ("agriclip", "concat") for k in args.features)
   missing = [flag for flag, wanted, given in (("--model", need_clip, args.model),
@@ -72,13 +75,14 @@ def load_encoders(args: argparse.Namespace):
              if wanted and given is None]
   if missing:
     raise ValueError(f"features {list(args.features)} need {' and '.join(missing)}")
-  encoders = []
-  if need_clip:
-    encoders.append(features.clip_model_encoders(args.model, args.batch_size).image)
-  if need_dino:
-    encoders.append(features.dino_model_encoder(args.dino, pooling=args.dino_pooling))
-  aligner = features.load_aligner_any(args.aligner) if need_aligner else None
-  return encoders, aligner
+  # A CLIP given with an aligner is loaded even for "agriclip" alone: the aligner's record of the
+  # CLIP it targets is then checked too.
+  model = api.load(clip=args.model if need_clip or need_aligner else None,
+                   dino=args.dino if need_dino else None,
+                   aligner=args.aligner if need_aligner else None,
+                   dino_pooling=args.dino_pooling, batch_size=args.batch_size)
+  encoders = ([model.clip.image] if need_clip else []) + ([model.dino] if need_dino else [])
+  return encoders, model.aligner
 
 
 def feature_matrix(kind: str, encoded: dict[str, np.ndarray], aligner) -> np.ndarray:
@@ -133,7 +137,9 @@ def train_and_test_features(args: argparse.Namespace):
   """(train LabelledFeatures, test LabelledFeatures, training class names) for the args; --out is
   checked to be writable first, so that no encoding is lost to a bad destination."""
   from agriclip_jax import features
+  from agriclip_jax.commands import distributed
   from agriclip_jax.fileio import check_writable
+  distributed.initialize(args)
   check_writable(args.out)
   encoders, aligner = load_encoders(args)
   cache = features.FeatureCache(args.cache) if args.cache else None
@@ -210,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
                         "dino_pooling": args.dino_pooling, "features": list(args.features),
                         "k": list(args.k), "resamples": args.resamples,
                         "bootstrap_seed": args.bootstrap_seed}
+  from agriclip_jax.commands import distributed
+  if not distributed.writes_outputs():
+    return 0
   atomic_write_json(args.out, document, indent=2)
   for k, row in document["knn"].items():
     interval = row["top1_interval"]

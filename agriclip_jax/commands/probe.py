@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
                         "C": args.C, "val_fraction": args.val_fraction, "split_seed": args.split_seed,
                         "shots": args.shots, "seeds": args.seeds, "resamples": args.resamples,
                         "bootstrap_seed": args.bootstrap_seed}
+  from agriclip_jax.commands import distributed
+  if not distributed.writes_outputs():
+    return 0
   atomic_write_json(args.out, document, indent=2)
   probe = document["probe"]
   interval = probe["top1_interval"]

@@ -246,6 +246,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "--task NAME|--template T")
   add_clip_load_arguments(parser)
   parser.add_argument("--out", type=fileio.resolve_path, required=True, help="results JSON")
+  from agriclip_jax.commands import distributed
+  distributed.add_arguments(parser)
 
 
 def entries_from_args(args: argparse.Namespace):
@@ -270,6 +272,8 @@ def entries_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
   from agriclip_jax import features
+  from agriclip_jax.commands import distributed
+  distributed.initialize(args)
   fileio.check_writable(args.out)  # a read-only or wrong --out fails now, not after the compute
   if args.clip is not None and args.model is not None:
     raise ValueError("--clip is the released-bundle shorthand for --model; give one of them")
@@ -295,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
                         "aligner": str(args.aligner), "methods": list(methods), "recipe": recipe,
                         "ensemble_weight": args.ensemble_weight,
                         "eval_fraction": args.eval_fraction, "limit": args.limit}
+  if not distributed.writes_outputs():
+    return 0
   fileio.atomic_write_json(args.out, document, indent=2)
   for method_name, mean in document["mean"].items():
     print(f"[zeroshot] mean over {mean['tasks']} task(s), {method_name}: top-1 "
