@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -172,23 +172,6 @@ class TrainTransform(grain.transforms.RandomMap):
     if self.kind in ("dino", "joint"):
       example["global_crops"], example["local_crops"] = transforms.dino_multicrop(image, rng, self.multicrop)
     return example
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalTransform(grain.transforms.Map):
-  """Record -> the model's eval view as uint8 (normalised after batching), with its index, or a
-  bad marker."""
-  spec: transforms.PreprocessSpec
-  checks: RecordChecks
-
-  def map(self, item: tuple[int, dict[str, Any]]) -> dict[str, Any]:
-    index, record = item
-    try:
-      image, _ = check_and_decode(record, self.checks, self.spec.exif_transpose)
-    except BadRecord as bad:
-      return {**_bad_marker(bad.reason, record["path"]), "index": np.int32(index)}
-    return {"images": transforms.eval_pixels(image, self.spec),
-            "label": np.int32(record["label"]), "index": np.int32(index)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,78 +345,6 @@ def make_train_dataset(
   epoch_records = len(range(process_index, sum(len(s) for s in sources), process_count))
   min_records = max(min(min_records_for_check, epoch_records), 1)
   return SkipBatchDataset(dataset, local_batch, normalisation, max_bad_fraction, min_records)
-
-
-class EvalBatches:
-  """Ordered eval batches over every record: no shuffling, no drops.
-
-  Each batch: `images` float32 [B,S,S,3], `label` int32 [B], `index` int32 [B] (position in the
-  source, -1 for padding) and `mask` bool [B] -- False for padding of the last batch and for bad
-  records (zero images), which are also counted in `bad_records`. Every process yields the same
-  number of batches (its share of records, padded), so multi-host feature extraction stays in step.
-  """
-
-  def __init__(self, source: Any, batch_size: int, spec: transforms.PreprocessSpec,
-               checks: RecordChecks = RecordChecks(need_captions=False),
-               num_workers: int = 0, read_threads: int = 2, process_index: int = 0, process_count: int = 1):
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if process_count < 1 or not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
-    self.source, self.batch_size, self.spec = source, batch_size, spec
-    self.num_workers, self.read_threads = num_workers, read_threads
-    self.transform = EvalTransform(spec, checks)
-    self.process_index, self.process_count = process_index, process_count
-    per_process = -(-len(source) // process_count)
-    self.num_batches = -(-per_process // batch_size)
-    self.bad_records = BadRecordStats()
-
-  def __len__(self) -> int:
-    return self.num_batches
-
-  def _examples(self) -> Iterator[dict[str, Any]]:
-    indexed = grain.MapDataset.range(len(self.source))[self.process_index::self.process_count]
-    records = indexed.map(_WithRecord(self.source)).map(self.transform)
-    dataset = records.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads))
-    return iter(_worker_processes(dataset, self.num_workers))
-
-  def _padded(self, examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    size = self.spec.image_size
-    images = np.zeros((self.batch_size, size, size, 3), np.uint8)
-    label = np.full((self.batch_size,), -1, np.int32)
-    index = np.full((self.batch_size,), -1, np.int32)
-    mask = np.zeros((self.batch_size,), bool)
-    for row, example in enumerate(examples):
-      index[row] = example["index"]
-      if _BAD in example:
-        self.bad_records.add_bad(example[_BAD], example[_BAD_PATH])
-        continue
-      self.bad_records.add_good()
-      images[row], label[row], mask[row] = example["images"], example["label"], True
-    return {"images": transforms.normalise_pixels(images, self.spec), "label": label,
-            "index": index, "mask": mask}
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    self.bad_records = BadRecordStats()
-    examples = self._examples()
-    for _ in range(self.num_batches):
-      chunk = [example for _, example in zip(range(self.batch_size), examples)]
-      yield self._padded(chunk)
-
-
-@dataclasses.dataclass(frozen=True)
-class _WithRecord(grain.transforms.Map):
-  source: Any
-
-  def map(self, index: int) -> tuple[int, dict[str, Any]]:
-    return int(index), self.source[int(index)]
-
-
-def make_eval_batches(source: Any, batch_size: int, spec: transforms.PreprocessSpec,
-                      **options: Any) -> EvalBatches:
-  """Ordered, padded, masked batches in a model's eval view (`model_io.read_preprocess`); see
-  EvalBatches."""
-  return EvalBatches(source, batch_size, spec, **options)
 
 
 # ------------------------------------------------------------------------------------------------

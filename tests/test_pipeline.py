@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from input_pipeline import pipeline, sources, transforms
+from input_pipeline import pipeline, sources
 from input_pipeline.transforms import MultiCropConfig
 
 SMALL_CROPS = MultiCropConfig(global_size=32, local_size=16, num_local=2)
@@ -208,33 +208,6 @@ def test_argument_errors_name_the_value():
     pipeline.make_train_dataset(TinySource(4), kind="contrastive", global_batch_size=4, seed=0)
   with pytest.raises(ValueError, match="kind must be"):
     pipeline.make_train_dataset(TinySource(4), kind="mae", global_batch_size=4, seed=0)
-
-
-def test_eval_batches_are_ordered_padded_and_masked():
-  source = TinySource(11, bad={4: "empty_file"})
-  batches = pipeline.make_eval_batches(source, batch_size=4,
-                                       spec=transforms.preset("agriclip-reference", image_size=8))
-  collected = list(batches)
-  assert len(collected) == len(batches) == 3
-  index = np.concatenate([b["index"] for b in collected])
-  mask = np.concatenate([b["mask"] for b in collected])
-  np.testing.assert_array_equal(index, list(range(11)) + [-1])
-  np.testing.assert_array_equal(mask, [i not in (4, 11) for i in range(12)])
-  labels = np.concatenate([b["label"] for b in collected])
-  np.testing.assert_array_equal(labels[mask], index[mask])
-  assert dict(batches.bad_records.counts) == {"empty_file": 1}
-  # Solid colour (i, 0, 7): the normalised red channel gives back i.
-  red = collected[0]["images"][1, 0, 0, 0] * 0.229 + 0.485
-  assert abs(red * 255 - 1) < 1e-3
-
-
-def test_eval_batches_split_across_processes_in_step():
-  spec = transforms.preset("openclip", image_size=8)
-  counts = [len(pipeline.make_eval_batches(TinySource(10), 2, spec, process_index=i, process_count=3)) for i in range(3)]
-  assert counts == [2, 2, 2]
-  shares = [np.concatenate([b["index"][b["mask"]] for b in pipeline.make_eval_batches(
-      TinySource(10), 2, spec, process_index=i, process_count=3)]) for i in range(3)]
-  assert sorted(np.concatenate(shares).tolist()) == list(range(10))
 
 
 def test_global_arrays_on_an_eight_device_mesh(small_corn):

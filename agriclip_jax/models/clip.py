@@ -46,13 +46,3 @@ class CLIP(nn.Module):
     logit_scale, logit_bias = self.logit_parameters()
     return dict(image_embeddings=image_embeddings, text_embeddings=text_embeddings,
                 logit_scale=logit_scale, logit_bias=logit_bias)
-
-
-def init_clip(config: CLIPConfig, rng: jax.Array, batch: int = 1):
-  """Initialises params of a CLIP model; returns (module, params)."""
-  model = CLIP(config)
-  size = config.vision.image_size
-  images = jnp.zeros((batch, size, size, 3), jnp.float32)
-  tokens = jnp.zeros((batch, config.text.context_length), jnp.int32)
-  params = model.init(rng, images, tokens)["params"]
-  return model, params
