@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 # atomic_directory/atomic_file live in fileio; re-exported here, where callers first found them.
+from agriclip_jax import fileio
 from agriclip_jax.fileio import atomic_directory, atomic_file, read_json  # noqa: F401
 from agriclip_jax.models.transformer import match_layer_layout, unstack_layer_params
 from input_pipeline.transforms import PreprocessSpec, preset
@@ -184,14 +185,14 @@ def save_model_dir(path: str | Path, model_type: str, config: Mapping[str, Any],
     if tokenizer_dir is not None:
       copied = 0
       for name in TOKENIZER_FILES:
-        src = Path(tokenizer_dir) / name
+        src = fileio.local_input(tokenizer_dir) / name
         if src.is_file():
           shutil.copyfile(src, tmp / name)
           copied += 1
       if not copied:
         raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
 
-  return atomic_directory(Path(path), write, keep_others=keep_others)
+  return atomic_directory(fileio.resolve_path(path), write, keep_others=keep_others)
 
 
 def _host_array(value: Any) -> np.ndarray:
@@ -216,7 +217,7 @@ def load_model_dir(path: str | Path) -> tuple[str, dict, dict]:
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
-  path = Path(path)
+  path = fileio.local_input(path)
   meta = read_config(path)
   weights_path = path / WEIGHTS_FILE
   if not weights_path.is_file():
@@ -298,5 +299,5 @@ def content_fingerprint(model_type: str, config: Mapping[str, Any], preprocess: 
 
 
 def has_tokenizer(path: str | Path) -> bool:
-  path = Path(path)
+  path = fileio.resolve_path(path)
   return (path / "vocab.json").is_file() and (path / "merges.txt").is_file()

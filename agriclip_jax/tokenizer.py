@@ -208,8 +208,10 @@ def installed_openai_bpe() -> Path | None:
 
 
 def load_tokenizer(path: str | Path) -> ClipTokenizer:
-  """A model directory, an HF tokenizer directory, or a `.txt.gz` OpenAI BPE file."""
-  path = Path(path)
+  """A model directory, an HF tokenizer directory, or a `.txt.gz` OpenAI BPE file (local, or a
+  URL read through a local copy: `fileio.local_input`)."""
+  from agriclip_jax.fileio import local_input
+  path = local_input(path)
   if path.is_dir():
     return ClipTokenizer.from_directory(path)
   if path.is_file() and path.name.endswith(".gz"):

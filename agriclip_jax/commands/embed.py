@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from agriclip_jax import model_io
+from agriclip_jax import fileio, model_io
 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", required=True,
+  parser.add_argument("--model", required=True, type=fileio.input_path,
                       help="a model directory, or any CLIP / DINO file `agriclip convert` reads")
   parser.add_argument("--images", required=True,
                       help="a folder (searched recursively) or a text file with one image path per "

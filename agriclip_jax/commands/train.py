@@ -15,7 +15,6 @@ import argparse
 import ast
 import difflib
 import sys
-from pathlib import Path
 from typing import Any
 
 OVERRIDE_PREFIX = "--config."
@@ -23,7 +22,8 @@ OVERRIDE_PREFIX = "--config."
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
-  parser.add_argument("--workdir", required=True, help="checkpoints, metrics and models go here")
+  parser.add_argument("--workdir", required=True,
+                      help="checkpoints, metrics and models go here (a folder or a gs:// URL)")
   parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-process)")
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
@@ -104,6 +104,7 @@ def build_config(spec: str, overrides: list[tuple[str, str]]):
 
 
 def run(args: argparse.Namespace) -> int:
+  from agriclip_jax.fileio import resolve_path
   from agriclip_jax.train import multihost
   config = build_config(args.config, getattr(args, "overrides", []))
   multihost.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     # A second Ctrl-C: stopped at once. Orbax commits a step by renaming its finished temporary
     # directory, so a save cut short here is never restored.
     print(f"agriclip train: interrupted: stopped at once by a second Ctrl-C; resuming restores "
-          f"the newest complete checkpoint in {Path(args.workdir) / 'checkpoints'}",
+          f"the newest complete checkpoint in {resolve_path(args.workdir) / 'checkpoints'}",
           file=sys.stderr, flush=True)
     return 130
   # Ctrl-C (after its checkpoint) exits as shells expect of an interrupted command, so that

@@ -17,6 +17,15 @@ holds non-finite values is moved aside to `WORKDIR/checkpoints-quarantine/` (nev
 a warning naming it, and the newest good step is restored. A step whose bytes match its manifest
 but that does not fit the current config is left where it is: that is the wrong workdir, not a
 damaged checkpoint, and the error says so.
+
+Cloud Storage (a gs:// workdir; `fileio.resolve_path`). Orbax writes the arrays with
+tensorstore's gcs driver and commits a step its own way there: GCS has no rename, so the step is
+written under its final name and committed by a `commit_success.txt` written last; a step without
+it is never restored (Orbax's CommitFileTemporaryPath). The manifest is written before that file
+(the post-finalisation callback runs before Orbax's commit), so a committed step has its manifest
+on GCS as it has locally. Moving a damaged step aside copies its objects and deletes the source
+(`fileio.move_tree`: not atomic there, but the step is no longer committed only once the copy
+is whole). Verifying a step reads all its bytes once more (one download of the step per restore).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from agriclip_jax import fileio
 from agriclip_jax.fileio import atomic_write_json
 
 MANIFEST_NAME = "agriclip_manifest.json"
@@ -67,19 +77,20 @@ def warn(message: str) -> None:
 
 def file_sha256(path: Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
 
 
 def _step_files(step_dir: Path) -> list[Path]:
-  return sorted(p for p in step_dir.rglob("*") if p.is_file()
-                and p.relative_to(step_dir).as_posix() not in (MANIFEST_NAME, _REWRITTEN_AFTER_COMMIT))
+  return [p for p in fileio.files_below(step_dir)
+          if p.relative_to(step_dir).as_posix() not in (MANIFEST_NAME, _REWRITTEN_AFTER_COMMIT)]
 
 
 def write_manifest(step_dir: Path, step: int) -> Path:
-  files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+  files = {p.relative_to(step_dir).as_posix(): {"size": fileio.file_size(p),
+                                                "sha256": file_sha256(p)}
            for p in _step_files(step_dir)}
   return atomic_write_json(step_dir / MANIFEST_NAME,
                            {"format": MANIFEST_FORMAT, "step": int(step), "files": files})
@@ -107,7 +118,7 @@ def verify_step(step_dir: Path) -> tuple[str, str]:
     path = step_dir / name
     if not path.is_file():
       return "damaged", f"{path} is missing"
-    size = path.stat().st_size
+    size = fileio.file_size(path)
     if size != expected["size"]:
       return "damaged", f"{path} is {size} bytes, {expected['size']} when written (truncated?)"
     if file_sha256(path) != expected["sha256"]:
@@ -226,7 +237,8 @@ class Checkpointer:
   """A CheckpointManager with two items: `state` (a pytree) and `data` (a grain iterator)."""
 
   def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
-    self.directory = Path(directory).absolute()
+    directory = fileio.resolve_path(directory)
+    self.directory = directory if fileio.is_url(directory) else directory.absolute()
     self.quarantine_dir = self.directory.parent / QUARANTINE_DIR
     self.moved_aside: list[Path] = []
     self._async = async_save
@@ -245,6 +257,9 @@ class Checkpointer:
   def _write_pending_manifest(self) -> None:
     step = self._pending_step
     if step is None:
+      return
+    if fileio.is_url(self.directory):  # written under its final name there (module docstring)
+      write_manifest(self.directory / str(step), step)
       return
     candidates = sorted(self.directory.glob(f"{step}{_TMP_MARKER}*"),
                         key=lambda p: p.stat().st_mtime)
@@ -310,7 +325,7 @@ class Checkpointer:
       while destination.exists():
         suffix += 1
         destination = self.quarantine_dir / f"{step}-{stamp}-{suffix}"
-      os.replace(source, destination)
+      fileio.move_tree(source, destination)
       (destination.parent / f"{destination.name}.reason.txt").write_text(reason + "\n")
     _sync_processes(f"agriclip-move-aside-{step}")
     self._manager.reload()

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from agriclip_jax.fileio import atomic_write_text
+from agriclip_jax.fileio import atomic_write_text, resolve_path
 
 from agriclip_jax.train import checkpoint as ckpt_lib
 from agriclip_jax.train import evals as evals_lib
@@ -274,7 +274,7 @@ def train(config: Any, workdir: str | Path, stop_after_steps: int | None = None)
 
   `stop_after_steps`: leave the loop after this many steps of this invocation (tests).
   """
-  workdir = Path(workdir)
+  workdir = resolve_path(workdir)  # a local Path, or an epath.Path for gs:// (fileio)
   process_index, process_count = jax.process_index(), jax.process_count()
   validate_config(config, jax.device_count(), process_count)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp)

@@ -6,6 +6,10 @@ that pid, so that a pid reused by an unrelated process is not mistaken for the h
 whose holder is gone (same host, pid dead or reused: a run killed with `kill -9`) is taken over
 with a notice; a lock held from another host cannot be checked and refuses the run, naming the
 holder. The lock is removed when the run ends, by an error or a signal too.
+
+A URL workdir (gs://) gets no lock: an object store has no O_EXCL create that this module could
+use without a client of its own (a create-if-absent needs a generation-match precondition), so
+two runs started on the same gs:// workdir are not stopped; a notice says so.
 """
 
 from __future__ import annotations
@@ -147,6 +151,11 @@ def release(path: Path) -> None:
 def holding(workdir: Path, enabled: bool = True) -> Iterator[Path | None]:
   """The lock for the duration of a run (only process 0 of a multi-process run takes it)."""
   if not enabled:
+    yield None
+    return
+  if "://" in str(workdir):
+    print(f"notice: {workdir} is a URL: no {LOCK_NAME} there (object stores have no exclusive "
+          f"create); make sure no other run uses this workdir", file=sys.stderr, flush=True)
     yield None
     return
   path = acquire(workdir)
