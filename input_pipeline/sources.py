@@ -585,7 +585,12 @@ def open_source(spec: str | Path, **options: Any):
   - `tfds:NAME[:SPLIT]` (option data_dir);
   - a directory of class folders (ImageFolder), of `.tar` shards, or of `.array_record` files;
   - `x.csv` / `x.tsv`, `x.jsonl`, `x.tar`, `x.array_record`, or a brace pattern `shard-{000..009}.tar`.
+
+  Any of these but TFDS may be a URL (gs://...): the file, or the folder and all below it, is read
+  through a local copy made at open (`fileio.local_input`). ArrayRecord files, tar shards and
+  folders hold their images; a CSV / JSONL manifest copied alone must list absolute local paths.
   """
+  from agriclip_jax.fileio import local_input
   text = str(spec)
   if text.startswith("tfds:"):
     parts = text[len("tfds:"):].split(":")
@@ -594,14 +599,14 @@ def open_source(spec: str | Path, **options: Any):
     split = parts[1] if len(parts) == 2 else "train"
     return TfdsSource(parts[0], split, **_pick(options, _TFDS_OPTIONS, "TFDS", text))
   if "{" in text:
-    paths = [Path(p) for p in expand_braces(text)]
+    paths = [local_input(p) for p in expand_braces(text)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
       raise ValueError(f"{text}: {len(missing)} shard(s) do not exist, e.g. {missing[0]}")
     if all(_is_array_record(p) for p in paths):
       return ArrayRecordSource(paths, **_pick(options, (), "ArrayRecord", text))
     return TarShardSource(paths, **_pick(options, (), "tar", text))
-  path = Path(text)
+  path = local_input(text)
   if path.is_dir():
     children = sorted(path.iterdir())
     tars = [c for c in children if c.is_file() and c.suffix == ".tar"]

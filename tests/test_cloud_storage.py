@@ -270,3 +270,36 @@ def test_train_kill_resume_export_embed_and_zeroshot_on_gs(emulator, tmp_path):
   weights = load(emulator.download("run/models/clip/model.safetensors"))
   for name, value in reference_weights.items():
     np.testing.assert_array_equal(weights[name], value, err_msg=name)
+
+
+def test_a_data_source_on_gs_reads_the_same_records_as_its_local_file(emulator, tmp_path):
+  """`open_source` on a gs:// ArrayRecord file (through its local copy), via `agriclip data
+  inspect`: the same records, labels and skips as the local file."""
+  from input_pipeline import sources, writers
+  local = tmp_path / "corn.array_record"
+  writers.write_array_record(sources.open_source(CORN / "lab"), local)
+  emulator.upload("data/corn.array_record", local.read_bytes())
+  reports = []
+  for spec in (str(local), f"gs://{BUCKET}/data/corn.array_record"):
+    out = _finish(_agriclip(emulator, "data", "inspect", spec, "--json", "--no-captions",
+                            "--view-cost", "0"))
+    report = json.loads(out.strip().splitlines()[-1])
+    report.pop("images_per_sec")  # the only timing in the report
+    reports.append(report)
+  assert reports[0]["read"] == len(list((CORN / "lab").rglob("*.jpg"))) > 0
+  assert reports[1] == reports[0]
+
+
+def test_a_url_without_its_package_or_scheme_is_one_clear_error(monkeypatch):
+  import importlib.util
+
+  from agriclip_jax import fileio
+  assert fileio.resolve_path("runs/a") == Path("runs/a")  # local paths stay pathlib, as given
+  with pytest.raises(ValueError, match=r"ftp://host/x: unsupported URL scheme ftp://"):
+    fileio.resolve_path("ftp://host/x")
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "gcsfs" else real(name, *a))
+  with pytest.raises(ModuleNotFoundError,
+                     match=r"^gs://b/run: gs:// paths need the gcsfs package: pip install gcsfs$"):
+    fileio.resolve_path("gs://b/run")
