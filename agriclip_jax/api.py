@@ -55,6 +55,7 @@ class Model:
   dino: Any = None
   aligner: Any = None
   batch_size: int = 32
+  ensemble: dict | None = None  # the aligner's recorded calibration (`zeroshot.ensemble_choice`)
   _runners: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
@@ -132,7 +133,7 @@ class Model:
 
   def scores(self, images: Sequence[Image], labels: Sequence[str],
              templates: Sequence[str] | None = None, method: str | None = None,
-             ensemble_weight: float = 0.5) -> np.ndarray:
+             ensemble_weight: float | None = None) -> np.ndarray:
     """[N, C] scores of `method` (logits for clip / agriclip, probabilities for the ensemble),
     exactly as `agriclip zeroshot` scores a task (`zeroshot.method_scores`)."""
     from agriclip_jax import zeroshot
@@ -144,12 +145,13 @@ class Model:
     class_emb = self.class_embeddings(labels, templates)
     clip = self.image_features(images, "clip") if method in ("clip", "ensemble") else None
     dino = self.image_features(images, "dino") if method in ("agriclip", "ensemble") else None
-    return zeroshot.method_scores(class_emb, clip, dino, self.aligner, [method], ensemble_weight,
-                                  self.clip.logit_scale)[method]
+    choice = zeroshot.ensemble_choice(self, ensemble_weight)
+    return zeroshot.method_scores(class_emb, clip, dino, self.aligner, [method], choice["weight"],
+                                  self.clip.logit_scale, zeroshot.ensemble_temperatures(choice))[method]
 
   def classify(self, images: Sequence[Image], labels: Sequence[str],
                templates: Sequence[str] | None = None, method: str | None = None,
-               ensemble_weight: float = 0.5) -> list[Prediction]:
+               ensemble_weight: float | None = None) -> list[Prediction]:
     """Per image: every label with its probability, most probable first."""
     from agriclip_jax import zeroshot
     images = list(images)
@@ -225,6 +227,7 @@ def load(path: str | os.PathLike | None = None, *, clip: str | os.PathLike | Non
     model.aligner = features.load_aligner_any(aligner)
     recorded = align.read_aligner_metadata(aligner) if Path(aligner).is_file() else {}
     dino_pooling = align.resolve_pooling(recorded, dino_pooling, aligner)
+    model.ensemble = recorded.get("ensemble")
   if dino is not None:
     model.dino = features.dino_model_encoder(dino, pooling=dino_pooling)
   if aligner is not None:

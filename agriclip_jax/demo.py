@@ -439,14 +439,26 @@ def load_models(paths: dict[str, Path], batch_size: int, dino_pooling: str = "cl
 
 
 def fit_aligner(model, source, config):
-  """Exact least squares DINO -> CLIP image embeddings on the training images."""
-  from agriclip_jax import align, features
+  """Exact least squares DINO -> CLIP image embeddings on the training images; sets
+  `model.ensemble` to the ensemble's calibration on the held-out rows."""
+  from agriclip_jax import align, features, zeroshot
   encoded = features.encode_source(source, np.arange(len(source)), [model.clip.image, model.dino],
                                    config.features.batch_size, mesh=_one_device_mesh(),
                                    desc="aligner features")
   dino, clip = encoded.features["dino"], encoded.features["clip_image"]
   result = align.fit_exact(align.iterate_chunks(dino, clip), ridge=config.align.ridge,
                            holdout=config.align.holdout, seed=config.seed)
+  # The ensemble's weight and temperatures from the held-out rows' captions, as `agriclip
+  # align` chooses them: never from a zero-shot task.
+  held = align.holdout_mask(np.arange(len(dino)), config.align.holdout, config.seed)
+  model.ensemble = zeroshot.calibrate_on_source(
+      source, encoded.indices[held], clip[held], result.aligner.apply(dino[held]),
+      model.clip.encode_text, seed=config.seed) if held.any() else None
+  if model.ensemble is not None:
+    log(f"ensemble calibrated on {model.ensemble['validation']['images']} held-out images: CLIP "
+        f"weight {model.ensemble['weight']:.2f}, temperatures CLIP "
+        f"{model.ensemble['clip_temperature']:.3g} / AgriCLIP "
+        f"{model.ensemble['agriclip_temperature']:.3g}")
   log(f"aligner {dino.shape[1]} -> {clip.shape[1]} (DINO pooling {config.features.dino_pooling}) "
       f"on {len(dino)} images: ridge {result.ridge:g}, "
       f"R^2 fit {result.metrics['fit']['r2']:.3f}"
@@ -476,7 +488,8 @@ def results_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
   """The results.json shape scripts rely on: {"tasks": {TASK: {"num_classes", "chance",
   "accuracy": {method: top-1}, "interval": {method: [low, high]} (95 % bootstrap over the
   task's images), "minus_clip": {method: {"difference", "low", "high", ...}} (paired bootstrap),
-  ...}}, "mean": {method: ..., "chance": ...}}."""
+  ...}}, "mean": {method: ..., "chance": ...}, "ensemble": {"weight", "clip_temperature",
+  "agriclip_temperature", "source", "validation"}}."""
   tasks: dict[str, dict[str, Any]] = {}
   for row in rows:
     entry = tasks.setdefault(row["task"], {"num_classes": row["num_classes"],
@@ -491,7 +504,10 @@ def results_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
     entry["balanced_accuracy"][row["method"]] = row["balanced_accuracy"]
   mean = {m: float(np.mean([t["accuracy"][m] for t in tasks.values()])) for m in METHODS}
   mean["chance"] = float(np.mean([t["chance"] for t in tasks.values()]))
-  return {"tasks": tasks, "mean": mean}
+  # The ensemble's weight and temperatures (chosen on the held-out align rows, the same for every
+  # task) and where they came from.
+  ensemble = next((row["ensemble"] for row in rows if "ensemble" in row), None)
+  return {"tasks": tasks, "mean": mean, **({"ensemble": ensemble} if ensemble else {})}
 
 
 # ================================================================================================
@@ -565,6 +581,7 @@ def write_report(workdir: Path, rows: list[dict[str, Any]], document: dict[str, 
             *_comparison_lines(document), "",
             "## Pipeline", "",
             f"- Training: {summary['train']}", f"- Aligner: {summary['aligner']}",
+            f"- Ensemble: {_ensemble_line(document.get('ensemble'))}",
             f"- Exports: {summary.get('exports', 'none')}", "",
             "![training](training.png)", "",
             "| stage | wall time (s) |", "|---|---:|"]
@@ -573,6 +590,15 @@ def write_report(workdir: Path, rows: list[dict[str, Any]], document: dict[str, 
   path = workdir / "report.md"
   path.write_text("\n".join(lines) + "\n" + tables)
   return path
+
+
+def _ensemble_line(choice: dict[str, Any] | None) -> str:
+  if not choice:
+    return "not scored"
+  if choice["clip_temperature"] is None:
+    return f"CLIP weight {choice['weight']:.2f} ({choice['source']})"
+  return (f"CLIP weight {choice['weight']:.2f}, temperatures CLIP {choice['clip_temperature']:.3g} / "
+          f"AgriCLIP {choice['agriclip_temperature']:.3g} ({choice['source']})")
 
 
 def torch_available() -> bool:
@@ -672,7 +698,8 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
     aligner = model.aligner = fitted.aligner
     paths["aligner"] = align.save_aligner(
         aligner, workdir / "models" / "aligner.safetensors",
-        metadata={"dino_pooling": config.features.dino_pooling})
+        metadata={"dino_pooling": config.features.dino_pooling,
+                  **({"ensemble": model.ensemble} if model.ensemble else {})})
     summary["aligner"] = (f"exact least squares on DINO features "
                           f"'{config.features.dino_pooling}' ({aligner.in_dim}-d), ridge "
                           f"{fitted.ridge:g}, R^2 fit "

@@ -143,8 +143,12 @@ def cosine_logits(embeddings: np.ndarray, class_emb: np.ndarray,
 def method_scores(class_emb: np.ndarray, clip_image_embeddings: np.ndarray | None = None,
                   dino_features: np.ndarray | None = None, aligner=None,
                   methods: Sequence[str] = METHODS, ensemble_weight: float = 0.5,
-                  logit_scale: float = DEFAULT_LOGIT_SCALE) -> dict[str, np.ndarray]:
-  """Scores [N, C] per method (logits for clip/agriclip, probabilities for the ensemble)."""
+                  logit_scale: float = DEFAULT_LOGIT_SCALE,
+                  temperatures: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
+  """Scores [N, C] per method (logits for clip/agriclip, probabilities for the ensemble).
+
+  The ensemble is weight * softmax(clip cosine / T_clip) + (1 - weight) * softmax(agriclip cosine
+  / T_agriclip); `temperatures` = (T_clip, T_agriclip), by default 1 / logit_scale for both."""
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
@@ -167,8 +171,12 @@ def method_scores(class_emb: np.ndarray, clip_image_embeddings: np.ndarray | Non
     logits["agriclip"] = cosine_logits(aligned, class_emb, logit_scale)
   scores = {m: logits[m] for m in methods if m in logits}
   if "ensemble" in methods:
-    scores["ensemble"] = (ensemble_weight * softmax(logits["clip"])
-                          + (1.0 - ensemble_weight) * softmax(logits["agriclip"]))
+    t_clip, t_agri = temperatures or (1.0 / logit_scale, 1.0 / logit_scale)
+    if min(t_clip, t_agri) <= 0:
+      raise ValueError(f"ensemble temperatures must be positive, got {(t_clip, t_agri)}")
+    scores["ensemble"] = (ensemble_weight * softmax(logits["clip"] / (logit_scale * t_clip))
+                          + (1.0 - ensemble_weight)
+                          * softmax(logits["agriclip"] / (logit_scale * t_agri)))
   return scores
 
 
@@ -309,6 +317,110 @@ def suite_means(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 # ----------------------------------------------------------------------------------------------
+# The ensemble's weight and temperatures, chosen on the aligner's own data
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_TEMPERATURE_GRID = tuple(float(t) for t in np.geomspace(0.005, 0.5, 31))
+DEFAULT_WEIGHT_GRID = tuple(float(w) for w in np.linspace(0.0, 1.0, 21))
+
+
+def _caption_nll(probabilities: np.ndarray, owns: np.ndarray) -> float:
+  """Mean negative log-probability that an image's caption is one of its own."""
+  own = np.where(owns, probabilities, 0.0).sum(axis=1)
+  return float(-np.mean(np.log(np.maximum(own, 1e-30))))
+
+
+def _caption_top1(scores: np.ndarray, owns: np.ndarray) -> float:
+  return float(np.mean(owns[np.arange(len(scores)), np.argmax(scores, axis=1)]))
+
+
+def calibrate_ensemble(clip_image: np.ndarray, aligned: np.ndarray, text: np.ndarray,
+                       text_owner: np.ndarray, temperatures: Sequence[float] = DEFAULT_TEMPERATURE_GRID,
+                       weights: Sequence[float] = DEFAULT_WEIGHT_GRID) -> dict[str, Any]:
+  """The ensemble's choice on captioned validation images (text j describes image text_owner[j]).
+
+  Each image is classified among all the validation captions (image -> text retrieval): first each
+  member's temperature is the one of the grid with the lowest negative log-likelihood of the right
+  caption (temperature scaling), then the weight of the CLIP member is the one of the grid whose
+  mixture has the lowest. Returns {"weight", "clip_temperature", "agriclip_temperature",
+  "validation": {"images", "texts", "nll" and "caption_top1" per member and for the ensemble}}."""
+  text_owner = np.asarray(text_owner, np.int64)
+  images = len(clip_image)
+  if images < 2 or len(aligned) != images or len(text) != len(text_owner):
+    raise ValueError(f"calibration needs >= 2 paired images with captions, got {images} CLIP / "
+                     f"{len(aligned)} aligned rows and {len(text)} texts for {len(text_owner)} owners")
+  owns = text_owner[None, :] == np.arange(images)[:, None]
+  text = l2_normalize(text)
+  cosines = {"clip": l2_normalize(clip_image) @ text.T, "agriclip": l2_normalize(aligned) @ text.T}
+  chosen, validation = {}, {"images": int(images), "texts": int(len(text))}
+  for member, cosine in cosines.items():
+    losses = [_caption_nll(softmax(cosine / t), owns) for t in temperatures]
+    chosen[member] = float(temperatures[int(np.argmin(losses))])
+    validation[member] = {"nll": float(min(losses)), "caption_top1": _caption_top1(cosine, owns)}
+  members = {m: softmax(c / chosen[m]) for m, c in cosines.items()}
+  mixtures = [w * members["clip"] + (1.0 - w) * members["agriclip"] for w in weights]
+  losses = [_caption_nll(mixture, owns) for mixture in mixtures]
+  best = int(np.argmin(losses))
+  validation["ensemble"] = {"nll": float(losses[best]),
+                            "caption_top1": _caption_top1(mixtures[best], owns)}
+  return {"weight": float(weights[best]), "clip_temperature": chosen["clip"],
+          "agriclip_temperature": chosen["agriclip"], "validation": validation}
+
+
+def calibrate_on_source(source, source_indices: Sequence[int], clip_image: np.ndarray,
+                        aligned: np.ndarray, encode_text: Callable[[list[str]], Any],
+                        max_images: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+  """`calibrate_ensemble` on validation rows of the aligner's data: row r is record
+  source_indices[r], with its captions as the texts; at most `max_images` rows (a seeded draw).
+  None when fewer than two rows have a caption (then nothing is chosen)."""
+  def captions(index: int) -> list[str]:
+    record = source.entry(index) if callable(getattr(source, "entry", None)) else source[index]
+    return [str(c) for c in record.get("captions") or [] if str(c).strip()]
+
+  rows = np.arange(len(source_indices))
+  if len(rows) > max_images:
+    rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
+  texts, owner, kept = [], [], []
+  for row in rows:
+    found = captions(int(source_indices[row]))
+    if found:
+      texts.extend(found)
+      owner.extend([len(kept)] * len(found))
+      kept.append(int(row))
+  if len(kept) < 2:
+    return None
+  text = np.asarray(encode_text(texts), np.float32)
+  return calibrate_ensemble(np.asarray(clip_image)[kept], np.asarray(aligned)[kept], text,
+                            np.asarray(owner))
+
+
+def ensemble_choice(model, ensemble_weight: float | None = None) -> dict[str, Any]:
+  """What the ensemble uses: an explicit weight (temperatures 1 / logit_scale), else the choice
+  the aligner records from its calibration, else the uncalibrated default 0.5."""
+  if ensemble_weight is not None:
+    return {"weight": float(ensemble_weight), "clip_temperature": None,
+            "agriclip_temperature": None, "source": "given weight (temperatures 1 / logit_scale)",
+            "validation": None}
+  recorded = getattr(model, "ensemble", None)
+  if recorded:
+    return {"weight": float(recorded["weight"]),
+            "clip_temperature": float(recorded["clip_temperature"]),
+            "agriclip_temperature": float(recorded["agriclip_temperature"]),
+            "source": f"the aligner's calibration on {recorded['validation']['images']} "
+                      "validation images of its own data",
+            "validation": recorded["validation"]}
+  return {"weight": 0.5, "clip_temperature": None, "agriclip_temperature": None,
+          "source": "default 0.5 (uncalibrated: the aligner records no calibration)",
+          "validation": None}
+
+
+def ensemble_temperatures(choice: dict[str, Any]) -> tuple[float, float] | None:
+  if choice["clip_temperature"] is None:
+    return None
+  return choice["clip_temperature"], choice["agriclip_temperature"]
+
+
+# ----------------------------------------------------------------------------------------------
 # One task end to end: the one zero-shot path
 # ----------------------------------------------------------------------------------------------
 
@@ -330,18 +442,20 @@ class TaskScores:
   labels: np.ndarray  # [N]
   encoded: Any  # features.EncodedImages: indices, features, skipped records
   logit_scale: float
+  ensemble: dict[str, Any] | None = None  # `ensemble_choice`, when the ensemble was scored
 
 
 def score_task(task: str, source, indices: Sequence[int], class_names: Sequence[str],
                templates: Sequence[str], model, methods: Sequence[str] = METHODS, *,
                recipe: str = "agriclip-jax", prompt_names: Sequence[str] | None = None,
-               ensemble_weight: float = 0.5, batch_size: int = 128, cache=None,
+               ensemble_weight: float | None = None, batch_size: int = 128, cache=None,
                data_fingerprint: str | None = None, mesh=None) -> TaskScores:
   """Scores of `source[indices]` against the classes under every method, with `model` an
   `api.Model` (its CLIP's text tower embeds the prompts; each image model sees its own view).
 
   `prompt_names` are what goes into the templates (default: the class names, cleaned when the
-  recipe says so). Images that cannot be decoded are counted and listed in `encoded`."""
+  recipe says so). The ensemble uses `ensemble_choice(model, ensemble_weight)`: never anything
+  from this task's images. Images that cannot be decoded are counted and listed in `encoded`."""
   from agriclip_jax import features
   chosen = get_recipe(recipe)
   unknown = [m for m in methods if m not in METHODS]
@@ -368,11 +482,13 @@ def score_task(task: str, source, indices: Sequence[int], class_names: Sequence[
     prompt_names = [clean_class_name(c) if chosen.clean_names else c for c in class_names]
   class_emb = class_embeddings(prompt_names, templates, model.clip.encode_text,
                                prompt_average=chosen.prompt_average)
+  ensemble = ensemble_choice(model, ensemble_weight) if "ensemble" in methods else None
   scores = method_scores(class_emb, encoded.features.get("clip_image"),
-                         encoded.features.get("dino"), model.aligner, methods, ensemble_weight,
-                         model.clip.logit_scale)
+                         encoded.features.get("dino"), model.aligner, methods,
+                         ensemble["weight"] if ensemble else 0.5, model.clip.logit_scale,
+                         ensemble_temperatures(ensemble) if ensemble else None)
   return TaskScores(task, list(class_names), list(prompt_names), list(templates), chosen.name,
-                    scores, labels, encoded, model.clip.logit_scale)
+                    scores, labels, encoded, model.clip.logit_scale, ensemble)
 
 
 def task_rows(scored: TaskScores, **common: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -389,7 +505,8 @@ def task_rows(scored: TaskScores, **common: Any) -> tuple[list[dict[str, Any]], 
                  "chance": 1.0 / len(scored.class_names),  # a uniform guess, in expectation
                  "skipped": scored.encoded.skipped, **common,
                  **classification_metrics(method_scores_, scored.labels, scored.class_names),
-                 **({"top1_minus_clip": from_clip[method]} if method in from_clip else {})})
+                 **({"top1_minus_clip": from_clip[method]} if method in from_clip else {}),
+                 **({"ensemble": scored.ensemble} if method == "ensemble" else {})})
   return rows, [{"task": scored.task, **d} for d in differences]
 
 

@@ -105,7 +105,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   c.features = ml_collections.ConfigDict(dict(batch_size=128,
                                               dino_pooling="last2" if quick else "last4"))
   c.align = ml_collections.ConfigDict(dict(ridge="auto", holdout=0.1))
-  c.zeroshot = ml_collections.ConfigDict(dict(ensemble_weight=0.5))
+  # ensemble_weight None: the weight and temperatures calibrated on the held-out align rows
+  # (zeroshot.calibrate_on_source); a number fixes the weight.
+  c.zeroshot = ml_collections.ConfigDict(dict(ensemble_weight=ml_collections.FieldReference(
+      None, field_type=float)))
   c.own_data = ml_collections.ConfigDict(dict(
       # `--holdout F`: this fraction of --data (by a seeded hash of each path) is held out of
       # training and evaluated as one more zero-shot task.

@@ -90,7 +90,12 @@ def test_results_json_has_exactly_the_promised_shape(quick_run):
   workdir, document, _ = quick_run
   on_disk = json.loads((workdir / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(document))
-  assert set(on_disk) == {"tasks", "mean"}
+  assert set(on_disk) == {"tasks", "mean", "ensemble"}
+  # The ensemble's choice comes from the held-out align rows (the demo's training captions).
+  assert set(on_disk["ensemble"]) == {"weight", "clip_temperature", "agriclip_temperature",
+                                      "source", "validation"}
+  assert 0.0 <= on_disk["ensemble"]["weight"] <= 1.0
+  assert "calibration" in on_disk["ensemble"]["source"]
   assert set(on_disk["mean"]) == {"clip", "agriclip", "ensemble", "chance"}
   specs = json.loads((workdir / "data" / "tasks" / "tasks.json").read_text())["tasks"]
   assert list(on_disk["tasks"]) == [t["name"] for t in specs]

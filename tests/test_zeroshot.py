@@ -303,3 +303,80 @@ def test_zeroshot_command_errors(tmp_path, capsys):
   assert "Empty holds no images" in capsys.readouterr().err
   assert cli.main(["zeroshot", "--task", "banana", "--data", str(tmp_path / "data"), "--out", out]) == 2
   assert "unknown task 'banana'" in capsys.readouterr().err
+
+
+def test_ensemble_scores_follow_their_formula_with_temperatures():
+  rng = np.random.default_rng(0)
+  class_emb = zeroshot.l2_normalize(rng.normal(size=(4, 8)))
+  clip_image, dino = rng.normal(size=(5, 8)), rng.normal(size=(5, 6))
+  from agriclip_jax.align import LinearAligner
+  aligner = LinearAligner(rng.normal(size=(8, 6)).astype(np.float32), np.zeros(8, np.float32))
+  scores = zeroshot.method_scores(class_emb, clip_image, dino, aligner, ("ensemble",), 0.3,
+                                  temperatures=(0.02, 0.2))["ensemble"]
+  cos_clip = zeroshot.l2_normalize(clip_image) @ class_emb.T
+  cos_agri = zeroshot.l2_normalize(dino @ aligner.weight.T) @ class_emb.T
+  soft = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+  np.testing.assert_allclose(scores, 0.3 * soft(cos_clip / 0.02) + 0.7 * soft(cos_agri / 0.2),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_calibration_prefers_the_informative_member_and_the_lowest_nll_temperature():
+  rng = np.random.default_rng(1)
+  text = rng.normal(size=(60, 16))
+  informative = text + 0.5 * rng.normal(size=text.shape)  # close to its own caption
+  noise = rng.normal(size=text.shape)                     # unrelated to the captions
+  owner = np.arange(60)
+  chosen = zeroshot.calibrate_ensemble(informative, noise, text, owner)
+  assert chosen["weight"] == 1.0 and chosen["validation"]["images"] == 60
+  assert zeroshot.calibrate_ensemble(noise, informative, text, owner)["weight"] == 0.0
+  # The CLIP temperature is the grid's minimiser of the caption NLL (checked by brute force).
+  cosine = zeroshot.l2_normalize(informative) @ zeroshot.l2_normalize(text).T
+  def nll(t):
+    z = cosine / t
+    log_p = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    return -log_p[owner, owner].mean()
+  losses = {t: nll(t) for t in zeroshot.DEFAULT_TEMPERATURE_GRID}
+  assert chosen["clip_temperature"] == min(losses, key=losses.get)
+  assert chosen["validation"]["clip"]["caption_top1"] > 0.9
+
+
+def test_the_ensemble_is_calibrated_on_the_align_data_never_on_the_task(corn_dir, tmp_path,
+                                                                        monkeypatch):
+  """`agriclip align` records the ensemble's weight and temperatures chosen on its held-out rows;
+  `agriclip zeroshot` uses them on any task without calibrating anything (calibration is made to
+  fail during zeroshot), and records the choice beside the ensemble's accuracy."""
+  import json
+  import shutil
+
+  from safetensors import safe_open
+
+  from agriclip_jax import cli
+  align_data, tasks = tmp_path / "align", {"field": tmp_path / "field", "lab": tmp_path / "lab"}
+  for split, target, count in (("field", align_data, 4), ("field", tasks["field"], 2),
+                               ("lab", tasks["lab"], 2)):
+    for class_dir in sorted((corn_dir / split).iterdir()):
+      (target / class_dir.name).mkdir(parents=True, exist_ok=True)
+      for image in sorted(class_dir.glob("*.jpg"))[-count:]:
+        shutil.copy(image, target / class_dir.name / image.name)
+  clip_dir, dino_dir = _tiny_models(tmp_path)
+  aligner = tmp_path / "aligner.safetensors"
+  assert cli.main(["align", "--dino", str(dino_dir), "--model", str(clip_dir), "--data",
+                   str(align_data), "--holdout", "0.5", "--batch-size", "8", "--out",
+                   str(aligner)]) == 0
+  with safe_open(str(aligner), "np") as handle:
+    recorded = json.loads(handle.metadata()["ensemble"])
+  assert 0.0 <= recorded["weight"] <= 1.0 and recorded["validation"]["images"] >= 2
+
+  def no_calibration(*args, **kwargs):
+    raise AssertionError("zero-shot must not calibrate on the task it scores")
+  monkeypatch.setattr(zeroshot, "calibrate_ensemble", no_calibration)
+  monkeypatch.setattr(zeroshot, "calibrate_on_source", no_calibration)
+  for name, data in tasks.items():
+    out = tmp_path / f"{name}.json"
+    assert cli.main(["zeroshot", "--model", str(clip_dir), "--dino", str(dino_dir), "--aligner",
+                     str(aligner), "--data", str(data), "--template", "a photo of a corn leaf with {}",
+                     "--batch-size", "8", "--out", str(out)]) == 0
+    [row] = [r for r in json.loads(out.read_text())["results"] if r["method"] == "ensemble"]
+    for key in ("weight", "clip_temperature", "agriclip_temperature"):
+      assert row["ensemble"][key] == recorded[key], (name, key)
+    assert "calibration" in row["ensemble"]["source"]

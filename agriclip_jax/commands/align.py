@@ -75,8 +75,9 @@ def _load_npy(path: Path, flag: str) -> np.ndarray:
   return array
 
 
-def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, dict]:
-  """(DINO features, CLIP image features, what the aligner file records about the models)."""
+def _features_from_models(args: argparse.Namespace):
+  """(DINO features, CLIP image features, what the aligner file records about the models, and a
+  function of the fitted aligner giving the ensemble's calibration on the held-out rows)."""
   from agriclip_jax import features, zeroshot
   from input_pipeline.sources import open_source
   source = open_source(args.data)
@@ -97,7 +98,18 @@ def _features_from_models(args: argparse.Namespace) -> tuple[np.ndarray, np.ndar
                 "clip_fingerprint": clip.image.model_id,
                 "fingerprint": "model_io.content_fingerprint: sha256 of model type, config, eval "
                                "view and weights"}
-  return encoded.features["dino"], encoded.features["clip_image"], provenance
+  dino_rows, clip_rows = encoded.features["dino"], encoded.features["clip_image"]
+
+  def calibrate(aligner):
+    from agriclip_jax import align
+    held = align.holdout_mask(np.arange(len(dino_rows)), args.holdout, args.seed)
+    if not held.any():
+      return None
+    return zeroshot.calibrate_on_source(source, encoded.indices[held], clip_rows[held],
+                                        aligner.apply(np.asarray(dino_rows[held], np.float32)),
+                                        clip.encode_text, seed=args.seed)
+
+  return dino_rows, clip_rows, provenance, calibrate
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
   else:
     if None in (args.dino, args.model, args.data):
       raise ValueError("--dino, --model and --data go together")
-    x, y, provenance = _features_from_models(args)
+    x, y, provenance, calibrate = _features_from_models(args)
 
   start = time.perf_counter()
   if args.method == "exact":
@@ -140,6 +152,18 @@ def run(args: argparse.Namespace) -> int:
   metadata = {"method": result.method, "metrics": result.metrics, "ridge": result.ridge}
   if not have_arrays:
     metadata.update(provenance)  # zero-shot checks its models and pooling against these
+    # The ensemble's weight and temperatures, chosen on the held-out rows' captions (never on a
+    # task that zero-shot scores later); zero-shot uses them unless --ensemble-weight is given.
+    ensemble = calibrate(result.aligner)
+    if ensemble is not None:
+      metadata["ensemble"] = ensemble
+      summary["ensemble"] = ensemble
+      print(f"[align] ensemble calibrated on {ensemble['validation']['images']} held-out images: "
+            f"CLIP weight {ensemble['weight']:.2f}, temperatures CLIP "
+            f"{ensemble['clip_temperature']:.3g} / AgriCLIP {ensemble['agriclip_temperature']:.3g}")
+    else:
+      print("[align] no held-out rows with captions: the ensemble is not calibrated (zero-shot "
+            "then uses weight 0.5)")
   align.save_aligner(result.aligner, args.out, metadata=metadata)
   fileio.atomic_write_json(metrics_path, summary, indent=2)
   print(f"[align] {result.method}: {x.shape[1]} -> {y.shape[1]} on {x.shape[0]} rows in {seconds:.2f}s"

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "task's templates)")
   parser.add_argument("--method", choices=zeroshot.METHODS, default=None,
                       help="default: agriclip with --dino and --aligner, else clip")
-  parser.add_argument("--ensemble-weight", type=float, default=0.5)
+  parser.add_argument("--ensemble-weight", type=float, default=None,
+                      help="as for `agriclip zeroshot` (default: the aligner's calibration)")
   parser.add_argument("--top-k", type=int, default=3)
   parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
   parser.add_argument("--batch-size", type=int, default=32)

@@ -108,7 +108,7 @@ def _has_labels(source, indices) -> bool:
   return True
 
 
-def evaluate_entry(entry, model, methods: Sequence[str], ensemble_weight: float = 0.5,
+def evaluate_entry(entry, model, methods: Sequence[str], ensemble_weight: float | None = None,
                    batch_size: int = 128, cache=None, limit: int | None = None,
                    eval_fraction: float | None = None, retrieval: bool = False,
                    recipe: str = "agriclip-jax", predictions: bool = False) -> dict[str, list]:
@@ -231,7 +231,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "evaluation: folder names as they are, raw average; default with --clip)")
   parser.add_argument("--predictions", action="store_true", default=None,
                       help="also write every image's prediction per method (default with --clip)")
-  parser.add_argument("--ensemble-weight", type=float, default=0.5, help="weight of the CLIP probabilities")
+  parser.add_argument("--ensemble-weight", type=float, default=None,
+                      help="weight of the CLIP probabilities in the ensemble (default: the weight and "
+                           "temperatures `agriclip align` chose on its own data, recorded in the "
+                           "aligner file; else 0.5)")
   parser.add_argument("--eval-fraction", type=float, default=None,
                       help="score only the hashed evaluation split of this size (default: all items)")
   parser.add_argument("--limit", type=int, default=None, help="at most this many images per task")
