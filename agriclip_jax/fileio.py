@@ -4,7 +4,8 @@ A write goes to a temporary name in the destination's own folder (so the final r
 crosses a filesystem) and is renamed into place only after the writer returns: an interrupted or
 failing write leaves the previous file or directory as it was and no temporary behind.
 
-Standard library only: the input pipeline imports this without paying for jax or numpy.
+Standard library only (etils, for URLs, is imported when one is given): the input pipeline
+imports this without paying for jax or numpy.
 
 URLs. Every location a user gives (workdir, checkpoints, metrics, model directories, output files)
 may also be a URL: gs:// (and the other etils.epath / fsspec schemes). `resolve_path` is the one
