@@ -25,9 +25,9 @@ FORMATS = {
 
 
 @pytest.fixture(scope="module")
-def corpus(corn_dir, tmp_path_factory):
+def corpus(shared_corn_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("bad_corpus")
-  good = sorted((corn_dir / "lab" / "Blight").glob("*.jpg"))[:4]
+  good = sorted((shared_corn_dir / "lab" / "Blight").glob("*.jpg"))[:4]
   expected = bad_corpus.make_bad_corpus(root, good)
   manifest = sources.open_source(root / "manifest.jsonl")
   writers.write_array_record(manifest, root / "corpus.array_record")

@@ -76,9 +76,9 @@ def test_metadata_errors_name_the_field(change, message):
 
 
 @pytest.fixture()
-def tiny_corn(corn_dir, tmp_path):
+def tiny_corn(shared_corn_dir, tmp_path):
   images = tmp_path / "images"
-  for class_dir in sorted((corn_dir / "lab").iterdir()):
+  for class_dir in sorted((shared_corn_dir / "lab").iterdir()):
     (images / class_dir.name).mkdir(parents=True)
     for path in sorted(class_dir.glob("*.jpg"))[:3]:
       shutil.copy(path, images / class_dir.name / path.name)

@@ -35,10 +35,10 @@ def _levels(a, b) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def photos(corn_dir: Path) -> list[bytes]:
+def photos(shared_corn_dir: Path) -> list[bytes]:
   """Field photos of several aspect ratios, portrait and landscape (30 of them)."""
-  paths = sorted((corn_dir / "field").glob("*/*.jpg"))[::11][:30]
-  assert len(paths) >= 20, f"expected corn field photos under {corn_dir}"
+  paths = sorted((shared_corn_dir / "field").glob("*/*.jpg"))[::11][:30]
+  assert len(paths) >= 20, f"expected corn field photos under {shared_corn_dir}"
   return [p.read_bytes() for p in paths]
 
 

@@ -224,12 +224,12 @@ def test_base_url_is_checked():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture()
-def tiny_dataset(tmp_path, corn_dir):
+def tiny_dataset(tmp_path, shared_corn_dir):
   import shutil
   images = tmp_path / "images"
   for name in ("Blight", "Common_Rust"):
     (images / name).mkdir(parents=True)
-    for path in sorted((corn_dir / "lab" / name).glob("*.jpg"))[:2]:
+    for path in sorted((shared_corn_dir / "lab" / name).glob("*.jpg"))[:2]:
       shutil.copy(path, images / name / path.name)
   meta = tmp_path / "meta.json"
   meta.write_text(json.dumps({"name": "corn", "domain": "crop", "task": "disease", "subject": "corn leaf",

@@ -25,10 +25,10 @@ def _signature(source) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def corn_formats(corn_dir, tmp_path_factory):
+def corn_formats(shared_corn_dir, tmp_path_factory):
   """corn/field (333 real photos, 3 classes) written once in every format."""
   out = tmp_path_factory.mktemp("corn_formats")
-  folder = sources.open_source(corn_dir / "field")
+  folder = sources.open_source(shared_corn_dir / "field")
   writers.write_jsonl(folder, out / "manifest.jsonl")
   writers.write_csv(folder, out / "manifest.tsv", separator="\t")
   writers.write_csv(folder, out / "manifest.csv", separator=",")
@@ -37,7 +37,7 @@ def corn_formats(corn_dir, tmp_path_factory):
   tfds_builder.prepare_tfds_dataset({"train": folder}, "corn_field", out / "tfds")
   csv_options = {"label_column": "label", "key_column": "key"}
   specs = {
-      "imagefolder": (corn_dir / "field", {}),
+      "imagefolder": (shared_corn_dir / "field", {}),
       "jsonl": (out / "manifest.jsonl", {}),
       "csv_tab": (out / "manifest.tsv", csv_options),
       "csv_comma": (out / "manifest.csv", csv_options),
@@ -58,8 +58,8 @@ def test_corn_reads_the_same_in_every_format(corn_formats, name):
   assert _signature(source) == _signature(folder)
 
 
-def test_imagefolder_labels_follow_sorted_class_folders(corn_dir):
-  folder = sources.open_source(corn_dir / "lab")
+def test_imagefolder_labels_follow_sorted_class_folders(shared_corn_dir):
+  folder = sources.open_source(shared_corn_dir / "lab")
   assert folder.class_names == ["Blight", "Common_Rust", "Gray_Leaf_Spot", "Healthy"]
   counts = {name: 0 for name in folder.class_names}
   for index in range(len(folder)):
