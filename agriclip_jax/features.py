@@ -314,7 +314,8 @@ def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncode
                                    e.view_name) for e in encoders} if cache is not None else {}
   hits = {e.name: cache.get(keys[e.name]) for e in encoders} if cache is not None else {}
   if hits and jax.process_count() > 1:  # all or none: a collective below must run everywhere
-    everywhere = _allgather_json({name: hit is not None for name, hit in hits.items()})
+    from agriclip_jax.train import multihost
+    everywhere = multihost.allgather_json({name: hit is not None for name, hit in hits.items()})
     hits = {name: hit if all(found[name] for found in everywhere) else None
             for name, hit in hits.items()}
   features = {name: hit[0] for name, hit in hits.items() if hit is not None}
@@ -381,21 +382,12 @@ def _encode_local(source, indices: np.ndarray, encoders: Sequence[ImageEncoder],
                        dict(skipped), skipped_records)
 
 
-def _allgather_json(value: Any) -> list[Any]:
-  """Every process's JSON-able `value`, in process order (a collective: all processes call it)."""
-  from jax.experimental import multihost_utils
-  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64)))
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:len(data)] = data
-  gathered = np.asarray(multihost_utils.process_allgather(padded))
-  return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(gathered, lengths.ravel())]
-
-
 def _gather_processes(local: EncodedImages, names: Sequence[str]) -> EncodedImages:
   """The slices of every process joined in process order: one process's result."""
   from jax.experimental import multihost_utils
-  info = _allgather_json({"kept": len(local.indices), "skipped": local.skipped_records,
+
+  from agriclip_jax.train import multihost
+  info = multihost.allgather_json({"kept": len(local.indices), "skipped": local.skipped_records,
                           "widths": {n: int(local.features[n].shape[1]) if len(local.indices) else 0
                                      for n in names}})
   rows = max(1, max(part["kept"] for part in info))

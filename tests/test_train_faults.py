@@ -492,3 +492,25 @@ def test_a_live_pid_with_another_start_time_is_not_the_lock_holder():
     pytest.skip("no /proc start times on this system")
   assert workdir_lock.holder_is_gone({**me, "pid_start_ticks": me["pid_start_ticks"] - 1})
   assert not workdir_lock.holder_is_gone({**me, "host": "another-host"})
+
+
+def test_bad_record_counts_reach_metrics_and_the_progress_line(tmp_path):
+  """Records skipped so far, by reason, in every log line of metrics.jsonl and on stdout."""
+  from PIL import Image
+  root = tmp_path / "images"
+  (root / "leaf").mkdir(parents=True)
+  rng = np.random.default_rng(1)
+  for i in range(12):
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"leaf/good{i:02d}.png")
+  for i in range(6):  # a third bad: under the 1 % limit's check, which waits for 18 records here
+    (root / f"leaf/bad{i}.png").write_bytes(b"not an image at all")
+  workdir = tmp_path / "run"
+  run = _run(_args(workdir, f"--config.data.source={root}", "--config.batch_size=2",
+                   "--config.mesh.data=1", kind="dino", total=2))
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  last = lines[-1]
+  assert last["data/skipped"] == last["data/skipped/not_an_image"] >= 1
+  assert last["data/seen"] >= 2 * 2 + last["data/skipped"]  # at least the trained records
+  assert f"skipped {int(last['data/skipped'])} of {int(last['data/seen'])} records (not_an_image " \
+      f"{int(last['data/skipped'])})" in run.stdout

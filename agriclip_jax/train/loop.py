@@ -361,6 +361,26 @@ def stop_if_nonfinite(flags: list[jax.Array], step: int,
       f"non-finite loss or gradient at step {bad}{seen}; nothing after it was saved and {kept}")
 
 
+def data_counts(data_iterator) -> dict[str, float]:
+  """Records read and skipped so far, by reason, over every process (`data/seen`,
+  `data/skipped`, `data/skipped/<reason>`; empty for sources that count nothing, e.g. toy data).
+  Read at log steps only: with several processes it is a small collective."""
+  stats = getattr(data_iterator, "bad_records", None)
+  if stats is None:
+    return {}
+  parts = multihost.allgather_json(stats.metrics())
+  keys = sorted({key for part in parts for key in part})
+  return {key: float(sum(part.get(key, 0.0) for part in parts)) for key in keys}
+
+
+def _skipped_text(data: dict[str, float]) -> str:
+  if not data.get("data/skipped"):
+    return ""
+  reasons = ", ".join(f"{key.rsplit('/', 1)[1]} {int(n)}" for key, n in data.items()
+                      if key.startswith("data/skipped/"))
+  return f"  skipped {int(data['data/skipped'])} of {int(data['data/seen'])} records ({reasons})"
+
+
 def _run_steps(config, state, start_step, mesh, shardings, task, data_iterator, checkpointer,
                writer, preemption, stop_after_steps, workdir) -> dict[str, Any]:
   """The steps. Between log and checkpoint steps nothing is read back from the devices (no
@@ -404,13 +424,15 @@ def _run_steps(config, state, start_step, mesh, shardings, task, data_iterator, 
       host = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - window_start
       host["images_per_sec"] = config.batch_size * window_steps / max(elapsed, 1e-9)
+      data = data_counts(data_iterator)
       record.update(host)
+      record.update(data)
       last = {"step": step, **host}
       if is_main:
         rate = (time.perf_counter() - run_start) / steps_done_here
         print(f"step {step}/{total}  loss {host['loss']:.4f}  "
-              f"{host['images_per_sec']:.1f} img/s  ETA {_format_eta(rate * (total - step))}",
-              flush=True)
+              f"{host['images_per_sec']:.1f} img/s  ETA {_format_eta(rate * (total - step))}"
+              + _skipped_text(data), flush=True)
     due = evals_lib.due(config.get("evals", ()), step)
     if due:
       results = evals_lib.run_due(due, step, state, trained_models, mesh,

@@ -95,3 +95,18 @@ def reached_preemption_step(step: int) -> bool:
 def host_value(x: Any) -> Any:
   """A replicated global array as a host value, on every process."""
   return jax.device_get(x)
+
+
+def allgather_json(value: Any) -> list[Any]:
+  """Every process's JSON-able `value`, in process order (a collective: every process calls it;
+  with one process, [value])."""
+  import json
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int64)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(gathered, lengths.ravel())]
