@@ -48,29 +48,6 @@ def load_config(spec: str | os.PathLike, default_arg: str = "default"):
   return load_config_file(str(spec), default_arg, lock=False)
 
 
-def apply_overrides(config, overrides: Sequence[str]) -> None:
-  """`key.sub=value` strings; the value is parsed as JSON when it can be, else kept as text."""
-  for item in overrides:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"override {item!r} must look like key.sub=value")
-    try:
-      value = json.loads(raw)
-    except json.JSONDecodeError:
-      value = raw
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      if name not in node:
-        raise KeyError(f"override {item!r}: config has no section {name!r}")
-      node = node[name]
-    if leaf not in node:
-      raise KeyError(f"override {item!r}: config has no key {key!r}")
-    if isinstance(node[leaf], tuple) and isinstance(value, list):
-      value = tuple(value)
-    node[leaf] = value
-
-
 class StageTimer:
   """Prints the start and wall time of each stage and keeps the times in order."""
 

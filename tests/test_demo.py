@@ -309,9 +309,11 @@ def test_bad_inputs_are_named(tmp_path):
     demo.own_data(tmp_path / "w", config, str(data), str(metadata), [], 0.0)
   with pytest.raises(ValueError, match="no zero-shot task"):
     demo.own_data(tmp_path / "w2", config, str(data), None, [], 0.0)
+  from agriclip_jax.commands.train import apply_override  # the one override syntax
   with pytest.raises(KeyError, match="train.nope"):
-    demo.apply_overrides(config, ["train.nope=3"])
-  demo.apply_overrides(config, ["train.total_steps=7", "augment.jitter=[0.1, 0.1, 0.1, 0.0]"])
+    apply_override(config, "train.nope", "3")
+  apply_override(config, "train.total_steps", "7")
+  apply_override(config, "augment.jitter", "[0.1, 0.1, 0.1, 0.0]")
   assert config.train.total_steps == 7 and config.augment.jitter == (0.1, 0.1, 0.1, 0.0)
   with pytest.raises(ValueError, match="configs/demo.py:nope"):
     demo.load_config(demo.DEFAULT_CONFIG, "nope")
@@ -329,5 +331,5 @@ def test_command_rejects_bad_flags_with_exit_code_2(tmp_path, capsys):
   # --eval belongs to your own --data; on the generated data it is refused before any work.
   code, err = demo("--eval", str(tmp_path))
   assert code == 2 and err.startswith("agriclip demo: error: ") and "--data" in err
-  code, err = demo("--set", "train.bogus=1")
-  assert code == 2 and err.startswith("agriclip demo: error: ") and "train.bogus" in err
+  code, err = demo("--config.train.bogus=1")
+  assert code == 2 and err.startswith("agriclip demo: error: ") and "--config.train.bogus" in err

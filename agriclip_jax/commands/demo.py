@@ -3,7 +3,7 @@
     agriclip demo --workdir W [--quick]                       generated ALive-synth data
     agriclip demo --workdir W --data IMAGEFOLDER_OR_MANIFEST [--metadata META.json]
                   --eval IMAGEFOLDER [--eval ...] [--holdout 0.5]   your own photos
-    [--config configs/demo.py[:default|quick|real|real_quick]] [--set key.sub=value ...]
+    [--config configs/demo.py[:default|quick|real|real_quick]] [--config.KEY=VALUE ...]
 
 Writes W/report.md (+ PNGs), W/results.json, W/timings.json, W/models/ (model directories) and
 W/export/ (PyTorch files).
@@ -21,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="test-size run (config arg quick, or real_quick with --data)")
   parser.add_argument("--config", default=None,
                       help="config file[:arg] (default: configs/demo.py, arg default / real)")
-  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key, e.g. --set train.total_steps=200 (repeatable)")
   parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
   parser.add_argument("--data", default=None,
                       help="your training images: an ImageFolder (captioned from --metadata or the "
@@ -35,6 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="hold this fraction of an ImageFolder --data out of training and "
                            "evaluate it zero-shot as one more task (e.g. 0.5)")
   parser.add_argument("--no-export", action="store_true", help="skip the PyTorch exports")
+  parser.epilog = ("Any config key can be overridden with --config.KEY=VALUE, as for `agriclip "
+                   "train` (e.g. --config.train.total_steps=200).")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+  """The flags above plus --config.KEY=VALUE overrides: `agriclip train`'s one syntax."""
+  from agriclip_jax.commands.train import parse_arguments as parse_with_overrides
+  return parse_with_overrides(parser, argv)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
   if args.seed is not None:
     config.seed = args.seed
     config.train.seed = args.seed
-  demo.apply_overrides(config, args.overrides)
+  from agriclip_jax.commands.train import apply_override
+  for key, text in args.overrides:
+    apply_override(config, key, text)
   options = demo.DemoOptions(args.workdir, args.data, args.metadata, tuple(args.evals),
                              args.holdout, export=not args.no_export)
   demo.run_demo(options, config)
