@@ -290,3 +290,19 @@ def test_two_processes_assemble_one_global_batch(tmp_path):
   total = results[0]["local_crops_sum"] + results[1]["local_crops_sum"]
   for r in results:
     assert abs(r["gathered_sum"] - total) < 1e-3 * abs(total) + 1e-3
+
+
+def test_exported_models_record_the_normalisation_training_used():
+  """`agriclip train` exports each model with its type's default eval view (model_io); that view's
+  mean/std must be the ones the training pipeline normalises that model's images with."""
+  import inspect
+
+  from agriclip_jax import model_io
+  from agriclip_jax.models.configs import clip_config, vision_config
+  from input_pipeline.transforms import NORMALISATIONS
+  defaults = inspect.signature(pipeline.make_train_dataset).parameters
+  clip_view = model_io.default_preprocess("clip", clip_config("tiny").to_dict())
+  dino_view = model_io.default_preprocess("vit", vision_config("tiny", flavour="dino").to_dict())
+  for view, name in ((clip_view, defaults["clip_normalisation"].default),
+                     (dino_view, defaults["dino_normalisation"].default)):
+    assert (tuple(view.mean), tuple(view.std)) == NORMALISATIONS[name], (view.name, name)
