@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Accelerator check, at most 5 minutes on one GPU:
+# Accelerator check, at most 8 minutes on one GPU:
 #   1. CLIP ViT-B/16 bf16 contrastive train step at the largest batch that fits (doubling, judged
 #      by XLA's memory analysis of the compiled step), and
 #   2. DINO ViT-S/16 multi-crop bf16 train step (2x224 + 8x96 crops),
 # each printing images/s, MFU (against the H200's bf16 dense peak 989 TFLOP/s and against a bf16
-# matmul peak measured in the same process) and peak memory (device.memory_stats()).
+# matmul peak measured in the same process) and peak memory (device.memory_stats()), and
+#   3. the pod-memory configurations of BENCHMARKS.md ("The pod on paper": joint ViT-B/16 and
+#      contrastive ViT-L/14, bf16, accumulate 1 and 8) on this machine's own devices, at the
+#      per-device batch of the simulated 8-device runs (global 4k and 32k over 8 -> 512 and 4096
+#      per device): XLA's memory analysis from the real compiler, and one executed step's peak
+#      memory where the estimate fits (benchmarks/bench_pod_memory.py --real --execute).
 #
 # Usage (repo root or anywhere):  benchmarks/gpu.sh          on a GPU machine
 #                                 benchmarks/gpu.sh --tiny   tiny sizes on CPU (smoke test)
@@ -79,7 +84,7 @@ print(f"# jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].devi
       f"flax {flax.__version__}, optax {optax.__version__}")
 EOF
 
-# 3. The checks, each in its own process (peak memory is per process), inside the 5 minutes.
+# 3. The checks, each in its own process (peak memory is per process), inside the 8 minutes.
 run_check() {  # run_check SECONDS MODULE ARGS...: output to the terminal and the log
   local seconds=$1
   shift
@@ -98,5 +103,14 @@ else
 fi
 run_check "$clip_s" benchmarks.bench_mfu --gpu-check $TINY --budget-s 110 || status=1
 run_check "$dino_s" benchmarks.bench_dino_step --gpu-check $TINY || status=1
+if [[ -n "$TINY" ]]; then
+  # Smoke test of the --real path on the CPU: one small joint configuration, compiled only.
+  run_check 600 benchmarks.bench_pod_memory --real --meshes all --models joint_vitb16 \
+    --batches 8 --accumulate 1,2 || status=1
+else
+  # Each configuration prints its line when done: a budget cut keeps the ones before it.
+  run_check 180 benchmarks.bench_pod_memory --real --meshes all --batches 512,4096 \
+    --accumulate 1,8 --execute --out "${LOG%.log}_pod_memory.json" || status=1
+fi
 echo "# gpu.sh finished with status $status; figures also in $LOG"
 exit "$status"

@@ -5,6 +5,7 @@ disk per layer, so converters read them), remat policies (same gradients)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -121,3 +122,52 @@ def test_remat_policies_give_the_same_gradients():
                                                                remat_policy=policy))))
     for g, w in zip(got, want):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_scanned_bf16_stack_with_stochastic_depth_keeps_its_dtype():
+  # A scanned stack gets each layer's drop-path rate as an fp32 array; the branch must stay in
+  # the compute dtype, or nn.scan refuses a bf16 carry that comes back fp32 (DINO ViT, bf16).
+  from agriclip_jax.models.transformer import Transformer
+  stack = Transformer(width=32, layers=2, heads=2, mlp_dim=64, act="gelu", ln_eps=1e-6,
+                      drop_path_rate=0.1, deterministic=False, dtype=jnp.bfloat16,
+                      scan_layers=True)
+  x = jnp.ones((4, 5, 32), jnp.bfloat16)
+  variables = stack.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x)
+  out = stack.apply(variables, x, rngs={"dropout": jax.random.PRNGKey(2)})
+  assert out.dtype == jnp.bfloat16 and out.shape == x.shape
+
+
+def _all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+  shapes = []
+  for match in re.finditer(r"= [a-z0-9]+\[([\d,]*)\]\S* all-gather\(", hlo_text):
+    shapes.append(tuple(int(d) for d in match.group(1).split(",") if d))
+  return shapes
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fsdp_gathers_weights_not_the_batchs_activations(scan_layers):
+  # Batch and weights both split over the 8-device fsdp axis: each block's matmuls must gather the
+  # weight shards. Without transformer.keep_batch_split, XLA resolved the scanned blocks' matmuls
+  # by gathering [global batch, tokens, width] activations instead (and all-reducing them back).
+  from agriclip_jax.train import steps as steps_lib
+  from agriclip_jax.train.checkpoint import abstract_with_shardings
+  from agriclip_jax.train.sharding import batch_sharding, make_mesh
+  cfg = tiny.get_config("contrastive")
+  cfg.scan_layers = scan_layers
+  cfg.sharding.min_size = 256  # the tiny weights are split too
+  cfg.mesh.data, cfg.mesh.fsdp = 1, 8
+  mesh = make_mesh(1, 8, jax.devices()[:8])
+  task = state_lib.build_task(cfg, steps_per_epoch=10)
+  shardings = state_lib.state_shardings_for(task, mesh, cfg)
+  state = abstract_with_shardings(state_lib.abstract_state(task, cfg.seed), shardings)
+  batch_size, size = 64, cfg.data.image_size
+  sharding = batch_sharding(mesh)
+  batch = {"images": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32, sharding=sharding),
+           "tokens": jax.ShapeDtypeStruct((batch_size, cfg.data.context_length), jnp.int32,
+                                          sharding=sharding)}
+  step = steps_lib.jit_train_step(task, mesh, shardings, fast_compile=True)
+  gathered = _all_gather_shapes(step.lower(state, batch).compile().as_text())
+  weights = [s for s in gathered if len(s) == 2]
+  activations = [s for s in gathered if len(s) == 3 and s[0] == batch_size]
+  assert weights, gathered  # the split weights are gathered for their matmuls
+  assert not activations, activations

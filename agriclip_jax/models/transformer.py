@@ -18,6 +18,18 @@ from agriclip_jax.models.configs import REMAT_POLICY_NAMES
 
 Initializer = Callable[..., jax.Array]
 
+# The logical axis of a batch's rows. Training maps it onto the mesh's batch axes
+# (train/sharding.ACTIVATION_RULES, in the step's trace); anywhere else the constraint is a no-op.
+BATCH_AXIS = "batch"
+
+
+def keep_batch_split(x: jax.Array) -> jax.Array:
+  """Activations [B, ...] stay split by rows. Without it XLA may resolve a matmul whose weight is
+  split (FSDP) over the same mesh axis as the batch by gathering the activations of the whole
+  batch instead of the weight: it did inside scanned layers (scan_layers=True), 4 all-gathers of
+  [global batch, tokens, width] per block."""
+  return nn.with_logical_constraint(x, (BATCH_AXIS,) + (None,) * (x.ndim - 1))
+
 
 def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
@@ -65,14 +77,14 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, length, _ = x.shape
     head_dim = self.width // self.heads
-    qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=self.qkv_init,
-                   bias_init=nn.initializers.zeros, name="qkv")(x)
+    qkv = keep_batch_split(nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=self.qkv_init,
+                                    bias_init=nn.initializers.zeros, name="qkv")(x))
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
     query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     attended = jax.nn.dot_product_attention(query, key, value, is_causal=self.causal)
-    attended = attended.reshape(batch, length, self.width)
-    return nn.Dense(self.width, dtype=self.dtype, kernel_init=self.out_init,
-                    bias_init=nn.initializers.zeros, name="out")(attended)
+    attended = keep_batch_split(attended.reshape(batch, length, self.width))
+    return keep_batch_split(nn.Dense(self.width, dtype=self.dtype, kernel_init=self.out_init,
+                                     bias_init=nn.initializers.zeros, name="out")(attended))
 
 
 class MLP(nn.Module):
@@ -85,18 +97,20 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=self.fc_init,
-                 bias_init=nn.initializers.zeros, name="c_fc")(x)
+    x = keep_batch_split(nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=self.fc_init,
+                                  bias_init=nn.initializers.zeros, name="c_fc")(x))
     x = activation(self.act)(x)
-    return nn.Dense(self.width, dtype=self.dtype, kernel_init=self.proj_init,
-                    bias_init=nn.initializers.zeros, name="c_proj")(x)
+    return keep_batch_split(nn.Dense(self.width, dtype=self.dtype, kernel_init=self.proj_init,
+                                     bias_init=nn.initializers.zeros, name="c_proj")(x))
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
   """Stochastic depth: drop a whole residual branch per sample, rescaling the kept ones."""
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  # A scanned stack passes each layer's rate as an fp32 array: keep x's (compute) dtype, or a
+  # bf16 scan carry would come out fp32.
+  return jnp.where(mask, (x / keep).astype(x.dtype), jnp.zeros_like(x))
 
 
 class ResidualBlock(nn.Module):
@@ -142,6 +156,7 @@ class ResidualBlock(nn.Module):
         return drop_path(y, rate, self.make_rng("dropout"))
       return y
 
+    x = keep_batch_split(x)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="ln_1")(x)
     y = Attention(self.width, self.heads, self.causal, self.dtype, qkv_init, out_init, name="attn")(y)
     x = x + branch_out(y)

@@ -18,6 +18,8 @@ from agriclip_jax import param_rules
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+# Logical activation axes (the models' names) -> mesh axes, active while a train step is traced.
+ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (("batch", BATCH_AXES),)
 # Rule values: "fsdp" -> split the largest dimension divisible by the fsdp axis; "replicate".
 DEFAULT_SHARDING_RULES: tuple[tuple[str, str], ...] = ((r".*", "fsdp"),)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from agriclip_jax import losses
 from agriclip_jax.models.clip import CLIP
 from agriclip_jax.models.dino import DINO
-from agriclip_jax.train.sharding import BATCH_AXES, batch_sharding, replicated
+from agriclip_jax.train.sharding import ACTIVATION_RULES, BATCH_AXES, batch_sharding, replicated
 from agriclip_jax.train.state import TrainTask
 
 State = dict[str, Any]
@@ -300,9 +301,17 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def make_train_step(task: TrainTask, mesh: Mesh | None = None
                     ) -> Callable[[State, Batch], tuple[State, Metrics]]:
-  """The pure step function. `mesh` is needed only for the sharded contrastive losses."""
+  """The pure step function, to be jitted. `mesh` is needed for the sharded contrastive losses
+  and binds the models' activation constraints (keep rows split; none without a mesh)."""
 
   def step_fn(state: State, batch: Batch) -> tuple[State, Metrics]:
+    if mesh is None:
+      return traced_step(state, batch)
+    # The models' activation constraints (transformer.keep_batch_split) bind to this mesh.
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+      return traced_step(state, batch)
+
+  def traced_step(state: State, batch: Batch) -> tuple[State, Metrics]:
     missing = [k for k in REQUIRED_KEYS[task.kind] if k not in batch]
     if missing:
       raise ValueError(f"a {task.kind} batch needs keys {missing}; got {sorted(batch)}")
