@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("agriclip_jax.commands.train", "train a stage (contrastive, dino, joint) from an ml_collections config"),
     "embed": ("agriclip_jax.commands.embed", "compute image/text embeddings of a model into an .npz"),
     "align": ("agriclip_jax.commands.align", "fit the linear DINO -> CLIP aligner"),
+    "suite": ("agriclip_jax.commands.suite", "pin a suite's data (content hashes per task) or check data against a pin"),
     "zeroshot": ("agriclip_jax.commands.zeroshot", "zero-shot classification on downstream tasks"),
     "knn": ("agriclip_jax.commands.knn", "DINO's weighted kNN accuracy of image features (train vs test source)"),
     "probe": ("agriclip_jax.commands.probe", "linear probe and few-shot (probe, class centroids) on image features"),

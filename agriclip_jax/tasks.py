@@ -11,7 +11,10 @@
 - "imagefolder": any ImageFolder tree given with a template (`imagefolder_task`).
 
 A suite file is JSON: {"tasks": [{"task": NAME, "data": PATH_OR_tfds:NAME, ...}, ...]}; see
-`load_suite` for the keys.
+`load_suite` for the keys. A pinned suite (`agriclip suite pin`, `agriclip_jax.suite_pin`) holds a
+suite and the content hashes of the records each task evaluates; `read_suite` accepts both.
+`entry_records` is the one selection of a task's evaluated records (the hashed evaluation split,
+then the class subset), shared by zero-shot and the pin.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from agriclip_jax.zeroshot import clean_class_name, validate_template
 
@@ -192,54 +197,223 @@ class SuiteEntry:
   data: str | None  # ImageFolder path, or "tfds:NAME"; None for TFDS tasks (use the registry's name)
   split: str | None = None
   eval_fraction: float | None = None  # None: the whole data is evaluation data (a disjoint set)
+  class_names: tuple[str, ...] | None = None  # the classes evaluated, in label order; None: all
+  pin: dict[str, Any] | None = None  # the task's pinned records (a pinned suite's entries only)
 
 
-_SUITE_KEYS = {"task", "name", "data", "template", "templates", "split", "eval_fraction"}
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  path: Path
+  entries: list[SuiteEntry]
+  hash: str | None  # a pinned suite's hash (`suite_pin.suite_hash`); None for a plain suite file
+  spec: dict[str, Any]  # the suite file's {"tasks": [...]} as written (data paths as given)
 
 
-def load_suite(path: str | os.PathLike) -> list[SuiteEntry]:
-  """Reads a suite file: {"tasks": [{"task" | "name", "data", "template(s)", "split",
-  "eval_fraction"}]}. Relative data paths are relative to the suite file."""
+_SUITE_KEYS = {"task", "name", "data", "template", "templates", "split", "eval_fraction",
+               "class_names"}
+
+
+def _entry_class_names(value: Any, where: str) -> tuple[str, ...] | None:
+  if value is None:
+    return None
+  if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+    raise ValueError(f"{where}: 'class_names' must be a non-empty list of class names, got {value!r}")
+  repeated = sorted({v for v in value if value.count(v) > 1})
+  if repeated:
+    raise ValueError(f"{where}: 'class_names' lists {repeated} more than once")
+  return tuple(value)
+
+
+def _parse_entry(entry: Any, where: str, base: Path) -> SuiteEntry:
+  if not isinstance(entry, dict):
+    raise ValueError(f"{where}: expected an object, got {entry!r}")
+  unknown = set(entry) - _SUITE_KEYS
+  if unknown:
+    raise ValueError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(_SUITE_KEYS)})")
+  templates = entry.get("templates") or ([entry["template"]] if "template" in entry else None)
+  class_names = _entry_class_names(entry.get("class_names"), where)
+  data = entry.get("data")
+  if data is not None and not str(data).startswith("tfds:") and not os.path.isabs(data):
+    data = str((base / data).resolve())
+  try:
+    if "task" in entry:
+      task = resolve_task(entry["task"], templates)
+    elif data and class_names and Path(data).is_file():
+      # a manifest with integer labels: its class names are the suite's, in label order
+      task = Task(entry.get("name") or Path(data).stem,
+                  tuple(validate_template(t) for t in (templates or (FALLBACK_TEMPLATE,))),
+                  "manifest", class_names=class_names)
+    elif data:
+      task = imagefolder_task(data, templates, name=entry.get("name"))
+    else:
+      raise ValueError("needs 'task' (a registry name) or 'data' (an ImageFolder) with a template")
+  except (KeyError, ValueError, FileNotFoundError) as e:
+    raise type(e)(f"{where}: {e.args[0] if e.args else e}") from e
+  if task.kind != "tfds" and data is None:
+    raise ValueError(f"{where}: task {task.name!r} needs 'data' (the ImageFolder path)")
+  if data is not None and task.kind == "reference" and os.path.isdir(data):
+    try:
+      imagefolder_classes(data)  # an empty class folder is an error before any model loads
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from e
+  fraction = entry.get("eval_fraction")
+  return SuiteEntry(task, data, entry.get("split", task.split),
+                    None if fraction is None else float(fraction), class_names)
+
+
+def suite_entries(spec: Any, path: Path, base: Path | None = None) -> list[SuiteEntry]:
+  """The entries of a suite's {"tasks": [...]} read from `path` (named in every error); relative
+  data paths are relative to `base` (default: the file's folder)."""
+  entries = spec.get("tasks") if isinstance(spec, dict) else None
+  if not isinstance(entries, list) or not entries:
+    raise ValueError(f"suite file {path}: expected {{\"tasks\": [ ... ]}} with at least one task")
+  base = path.parent if base is None else base
+  return [_parse_entry(entry, f"suite file {path}, task #{i}", base)
+          for i, entry in enumerate(entries)]
+
+
+def read_suite(path: str | os.PathLike) -> Suite:
+  """A suite file, or a pinned suite (its hash checked against its contents, each entry carrying
+  its task's pin)."""
   path = Path(path)
   try:
     spec = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"suite file {path}: {e}") from e
-  entries = spec.get("tasks") if isinstance(spec, dict) else None
-  if not isinstance(entries, list) or not entries:
-    raise ValueError(f"suite file {path}: expected {{\"tasks\": [ ... ]}} with at least one task")
-  suite = []
-  for i, entry in enumerate(entries):
-    where = f"suite file {path}, task #{i}"
-    if not isinstance(entry, dict):
-      raise ValueError(f"{where}: expected an object, got {entry!r}")
-    unknown = set(entry) - _SUITE_KEYS
-    if unknown:
-      raise ValueError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(_SUITE_KEYS)})")
-    templates = entry.get("templates") or ([entry["template"]] if "template" in entry else None)
-    data = entry.get("data")
-    if data is not None and not str(data).startswith("tfds:") and not os.path.isabs(data):
-      data = str((path.parent / data).resolve())
-    try:
-      if "task" in entry:
-        task = resolve_task(entry["task"], templates)
-      else:
-        task = imagefolder_task(data, templates, name=entry.get("name")) if data else None
-        if task is None:
-          raise ValueError("needs 'task' (a registry name) or 'data' (an ImageFolder) with a template")
-    except (KeyError, ValueError, FileNotFoundError) as e:
-      raise type(e)(f"{where}: {e.args[0] if e.args else e}") from e
-    if task.kind != "tfds" and data is None:
-      raise ValueError(f"{where}: task {task.name!r} needs 'data' (the ImageFolder path)")
-    if data is not None and task.kind == "reference" and os.path.isdir(data):
-      try:
-        imagefolder_classes(data)  # an empty class folder is an error before any model loads
-      except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
-    fraction = entry.get("eval_fraction")
-    suite.append(SuiteEntry(task, data, entry.get("split", task.split),
-                            None if fraction is None else float(fraction)))
-  return suite
+  from agriclip_jax import suite_pin
+  if suite_pin.is_pinned(spec):
+    return suite_pin.read_pinned(spec, path)
+  return Suite(path, suite_entries(spec, path), None, spec)
+
+
+def load_suite(path: str | os.PathLike) -> list[SuiteEntry]:
+  """Reads a suite file: {"tasks": [{"task" | "name", "data", "template(s)", "split",
+  "eval_fraction", "class_names"}]}, or a pinned suite. Relative data paths are relative to the
+  suite file. "class_names" is the label order and the subset evaluated: records of other classes
+  are left out (counted); for a manifest with integer labels and no registry task it names the
+  labels 0, 1, ..."""
+  return read_suite(path).entries
+
+
+# ------------------------------------------------------------------------------------------------
+# The records a suite entry evaluates
+# ------------------------------------------------------------------------------------------------
+
+def open_entry_source(entry: SuiteEntry):
+  """(spec, source) of an entry: its data, or the registry's TFDS set."""
+  from input_pipeline.sources import open_source
+  task = entry.task
+  if entry.data is not None:
+    return entry.data, open_source(entry.data)
+  if task.kind != "tfds":
+    raise ValueError(f"task {task.name!r} needs --data (its ImageFolder)")
+  spec = f"tfds:{task.tfds_name}:{entry.split or 'train'}"
+  return spec, open_source(spec, image_feature="image")
+
+
+def data_class_names(entry: SuiteEntry, source) -> list[str] | None:
+  """The label order of the data: an ImageFolder's class folders (which must equal a registry
+  task's names), else the task's class names; None when neither has them."""
+  task = entry.task
+  folder_names = getattr(source, "class_names", None)
+  if folder_names is not None and task.class_names is not None and \
+      list(folder_names) != list(task.class_names):
+    raise ValueError(f"task {task.name!r}: the data's classes {list(folder_names)} differ from the "
+                     f"registry's {list(task.class_names)}")
+  names = folder_names if folder_names is not None else task.class_names
+  return list(names) if names else None
+
+
+def evaluation_split(source, eval_fraction: float | None) -> np.ndarray:
+  """Indices of the records in the hashed evaluation split (`zeroshot.is_eval_item`), or all."""
+  from agriclip_jax import features
+  from agriclip_jax.zeroshot import is_eval_item
+  indices = np.arange(len(source))
+  if eval_fraction is not None:
+    keys = features.record_keys(source)
+    indices = np.array([i for i in indices if is_eval_item(keys[i], eval_fraction)], np.int64)
+  if len(indices) == 0:
+    raise ValueError("no items to evaluate (empty data, or the evaluation split is empty)")
+  return indices
+
+
+def record_labels(source, indices) -> np.ndarray:
+  """The labels of `source[indices]`, from the listing where the source has one (no image read)."""
+  if callable(getattr(source, "entry", None)):
+    return np.array([int(source.entry(int(i))["label"]) for i in indices], np.int64)
+  return np.array([int(source[int(i)]["label"]) for i in indices], np.int64)
+
+
+class RelabelledSource:
+  """A source whose labels are mapped (`mapping[label]`, -1 for a label outside it): the view of a
+  class subset, labels indexing the subset."""
+
+  def __init__(self, source, mapping: np.ndarray, class_names: list[str]):
+    self._source = source
+    self._mapping = np.asarray(mapping, np.int64)
+    self.class_names = list(class_names)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _relabel(self, record: dict[str, Any]) -> dict[str, Any]:
+    label = int(record.get("label", -1))
+    inside = 0 <= label < len(self._mapping)
+    return {**record, "label": int(self._mapping[label]) if inside else -1}
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._relabel(self._source[index])
+
+  @property
+  def entry(self):  # only where the source has a listing (an AttributeError otherwise)
+    listing = self._source.entry
+    return lambda index: self._relabel(listing(index))
+
+  @property
+  def keys(self):
+    return self._source.keys
+
+
+@dataclasses.dataclass
+class TaskRecords:
+  spec: str                     # the data source's spec
+  source: Any                   # the source, relabelled onto `class_names` for a class subset
+  indices: np.ndarray           # the evaluated records
+  class_names: list[str] | None  # label order of the evaluated records; None: the data has none
+  excluded: dict[str, int]      # records left out by the class subset, per class
+
+
+def entry_records(entry: SuiteEntry, eval_fraction: float | None = None) -> TaskRecords:
+  """The records `entry` evaluates: its evaluation split (the entry's eval_fraction, else the one
+  given), then its class subset: records of other classes are left out and counted."""
+  spec, source = open_entry_source(entry)
+  fraction = entry.eval_fraction if entry.eval_fraction is not None else eval_fraction
+  try:
+    indices = evaluation_split(source, fraction)
+  except ValueError as e:
+    raise ValueError(f"task {entry.task.name!r} ({spec}): {e}") from e
+  names = None if entry.task.kind == "captioned" else data_class_names(entry, source)
+  if names is None or entry.class_names is None or list(entry.class_names) == names:
+    if names is None and entry.class_names is not None:
+      raise ValueError(f"task {entry.task.name!r}: 'class_names' needs data with classes")
+    return TaskRecords(spec, source, indices, names, {})
+  unknown = [c for c in entry.class_names if c not in names]
+  if unknown:
+    raise ValueError(f"task {entry.task.name!r}: class_names {unknown} are not classes of {spec} "
+                     f"(its classes: {names})")
+  position = {c: i for i, c in enumerate(entry.class_names)}
+  mapping = np.array([position.get(c, -1) for c in names], np.int64)
+  labels = record_labels(source, indices)
+  # a record without a valid label stays in (labelled -1): the scorer names it, nothing is hidden
+  keep = np.array([not (0 <= label < len(names)) or mapping[label] >= 0 for label in labels], bool)
+  excluded_labels = labels[~keep]
+  excluded = {names[i]: int(n) for i, n in enumerate(np.bincount(excluded_labels, minlength=len(names)))
+              if n}
+  if not keep.any():
+    raise ValueError(f"task {entry.task.name!r}: no record of {spec} belongs to class_names "
+                     f"{list(entry.class_names)}")
+  return TaskRecords(spec, RelabelledSource(source, mapping, list(entry.class_names)),
+                     indices[keep], list(entry.class_names), excluded)
 
 
 def task_summary(task: Task) -> dict[str, Any]:

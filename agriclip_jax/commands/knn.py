@@ -3,12 +3,16 @@
   agriclip knn --model CLIP_DIR [--dino DIR_OR_PTH --aligner PATH] --train SOURCE --test SOURCE
                [--features clip|dino|agriclip|concat [MORE ...]] [--k 10 20 100 200]
                [--temperature 0.07] --out results.json
+  agriclip knn ... --suite PINNED.json --train-task NAME --test-task NAME --out results.json
 
 Features: clip (the CLIP image embedding), dino (the DINO backbone's features), agriclip (DINO ->
 aligner, the AgriCLIP path), concat (clip and agriclip, each L2-normalised, side by side). With
 several kinds the first is reported in full and every other one under "compared", with the paired
 bootstrap interval of (first - other) on the same test images. Test classes are matched to the
-training classes by name. Every accuracy carries its 95 % bootstrap interval.
+training classes by name. Every accuracy carries its 95 % bootstrap interval. With --suite the
+two sides are tasks of a suite (their split and class subset as `tasks.entry_records` selects);
+a pinned suite's data is checked against the pins before any model loads, and the results record
+{"suite": {"path", "hash"}} and each side's task and files hash.
 
 This module also holds what `agriclip probe` shares with it: the feature flags and the labelled
 features of --train and --test.
@@ -37,8 +41,14 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dino-pooling", default=None,
                       help="DINO ViT features: 'cls', 'cls+avgpool' or 'lastN' (default: the one "
                            "the DINO model records)")
-  parser.add_argument("--train", required=True, help="training images: ImageFolder or any labelled source")
-  parser.add_argument("--test", required=True, help="test images, classes named as in --train")
+  parser.add_argument("--train", help="training images: ImageFolder or any labelled source")
+  parser.add_argument("--test", help="test images, classes named as in --train")
+  parser.add_argument("--suite", type=Path,
+                      help="a suite (or pinned suite) whose tasks --train-task and --test-task are "
+                           "used instead of --train / --test (split and class subset as the suite "
+                           "says); a pinned suite's data is checked against the pin first")
+  parser.add_argument("--train-task", help="the suite task of the training images")
+  parser.add_argument("--test-task", help="the suite task of the test images")
   parser.add_argument("--features", nargs="+", choices=FEATURE_KINDS, default=["agriclip"],
                       help="which features; several: the first is compared with each other one")
   parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
@@ -100,25 +110,27 @@ def feature_matrix(kind: str, encoded: dict[str, np.ndarray], aligner) -> np.nda
   raise ValueError(f"unknown feature kind {kind!r}; choose from {FEATURE_KINDS}")
 
 
-def labelled_features(spec: str, encoders, aligner, kinds, batch_size: int, cache=None,
+def labelled_features(records, encoders, aligner, kinds, batch_size: int, cache=None,
                       class_names: list[str] | None = None) -> tuple[LabelledFeatures, list[str]]:
-  """(features of every kind for the decodable images of `spec`, its class names). With
-  `class_names` (the training classes) the labels are mapped onto them by name."""
+  """(features of every kind for the decodable images of `records` (`tasks.TaskRecords`), its
+  class names). With `class_names` (the training classes) the labels are mapped onto them by
+  name."""
   from agriclip_jax import features
-  from input_pipeline.sources import open_source
-  source = open_source(spec)
-  if len(source) == 0:
+  spec, source, indices = records.spec, records.source, records.indices
+  if len(indices) == 0:
     raise ValueError(f"{spec}: no images")
-  encoded = features.encode_source(source, np.arange(len(source)), encoders, batch_size, cache=cache,
-                                   data_fingerprint=features.data_fingerprint(spec, source),
-                                   desc=str(spec))
+  data_print = features.data_fingerprint(spec, source)
+  if records.excluded:  # a class subset: the cache holds its labels
+    data_print = features.fingerprint(data_print, records.class_names)
+  encoded = features.encode_source(source, indices, encoders, batch_size, cache=cache,
+                                   data_fingerprint=data_print, desc=str(spec))
   if len(encoded.indices) == 0:
-    raise ValueError(f"{spec}: none of its {len(source)} images could be decoded ({encoded.skipped})")
+    raise ValueError(f"{spec}: none of its {len(indices)} images could be decoded ({encoded.skipped})")
   labels = np.asarray(encoded.labels, np.int64)
   if labels.min() < 0:
     raise ValueError(f"{spec}: {int((labels < 0).sum())} images have no label; kNN and probes "
                      "need labelled images (an ImageFolder, or a manifest with labels)")
-  names = getattr(source, "class_names", None)  # an ImageFolder's; a manifest's labels are numbers
+  names = records.class_names  # a suite's or an ImageFolder's; a bare manifest's labels are numbers
   names = list(names) if names is not None else [str(i) for i in range(int(labels.max()) + 1)]
   if class_names is not None:
     unknown = sorted(set(names[i] for i in np.unique(labels)) - set(class_names))
@@ -130,24 +142,68 @@ def labelled_features(spec: str, encoders, aligner, kinds, batch_size: int, cach
               for kind in kinds}
   summary = {"source": str(spec), "images": int(len(labels)),
              "classes": int(len(np.unique(labels))), "skipped": encoded.skipped}
+  if records.excluded:
+    summary["excluded_images"] = records.excluded
   return LabelledFeatures(matrices, labels, summary), names
 
 
+def _sides(args: argparse.Namespace):
+  """(train records, test records, {"path", "hash"} of --suite or None, the two suite entries or
+  None): from --train / --test, or from the suite's --train-task / --test-task, checked against
+  their pins (a pinned suite) before any model loads."""
+  from agriclip_jax import suite_pin, tasks
+  from input_pipeline.sources import open_source
+  if args.suite is None:
+    missing = [flag for flag, value in (("--train", args.train), ("--test", args.test)) if not value]
+    if missing or args.train_task or args.test_task:
+      raise ValueError(f"give --train and --test (sources), or --suite with --train-task and "
+                       f"--test-task; missing {missing}" if missing else
+                       "--train-task / --test-task name tasks of a --suite")
+
+    def whole(spec):
+      source = open_source(spec)
+      return tasks.TaskRecords(str(spec), source, np.arange(len(source)),
+                               getattr(source, "class_names", None), {})
+    return whole(args.train), whole(args.test), None, None
+  if args.train or args.test or not args.train_task or not args.test_task:
+    raise ValueError("--suite takes its images from --train-task and --test-task (both needed); "
+                     "drop --train / --test")
+  suite = tasks.read_suite(args.suite)
+  by_name = {entry.task.name: entry for entry in suite.entries}
+  sides = []
+  for flag, name in (("--train-task", args.train_task), ("--test-task", args.test_task)):
+    if name not in by_name:
+      raise ValueError(f"{flag} {name!r} is not a task of suite {args.suite} (its tasks: "
+                       f"{list(by_name)})")
+    entry = by_name[name]
+    if entry.pin is not None:
+      suite_pin.check_entry(entry, f"pinned suite {args.suite}")
+    sides.append(entry)
+  train, test = (tasks.entry_records(entry) for entry in sides)
+  return train, test, {"path": str(args.suite), "hash": suite.hash}, sides
+
+
 def train_and_test_features(args: argparse.Namespace):
-  """(train LabelledFeatures, test LabelledFeatures, training class names) for the args; --out is
-  checked to be writable first, so that no encoding is lost to a bad destination."""
+  """(train LabelledFeatures, test LabelledFeatures, training class names, the suite's
+  {"path", "hash"} or None) for the args; --out is checked to be writable first and a pinned
+  suite's data against its pins, so that no encoding is lost to a bad destination or data."""
   from agriclip_jax import features
   from agriclip_jax.commands import distributed
   from agriclip_jax.fileio import check_writable
   distributed.initialize(args)
   check_writable(args.out)
+  train_records, test_records, suite, entries = _sides(args)
   encoders, aligner = load_encoders(args)
   cache = features.FeatureCache(args.cache) if args.cache else None
-  train, class_names = labelled_features(args.train, encoders, aligner, args.features,
+  train, class_names = labelled_features(train_records, encoders, aligner, args.features,
                                          args.batch_size, cache)
-  test, _ = labelled_features(args.test, encoders, aligner, args.features, args.batch_size, cache,
-                              class_names)
-  return train, test, class_names
+  test, _ = labelled_features(test_records, encoders, aligner, args.features, args.batch_size,
+                              cache, class_names)
+  for side, entry in zip((train, test), entries or ()):  # which task, which pinned images
+    side.summary["task"] = entry.task.name
+    if entry.pin is not None:
+      side.summary["files_hash"] = entry.pin["files_hash"]
+  return train, test, class_names, suite
 
 
 def interval_fields(name: str, correct: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
@@ -190,11 +246,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   from agriclip_jax.fileio import atomic_write_json
-  train, test, class_names = train_and_test_features(args)
+  train, test, class_names, suite = train_and_test_features(args)
   too_many = [k for k in args.k if k > train.summary["images"]]
   if too_many:
     raise ValueError(f"--k {too_many} exceeds the {train.summary['images']} training images of "
-                     f"{args.train}; choose k <= {train.summary['images']}")
+                     f"{train.summary['source']}; choose k <= {train.summary['images']}")
   correct = {kind: knn_correct(train.features[kind], train.labels, test.features[kind], test.labels,
                                len(class_names), args.k, args.temperature)
              for kind in args.features}
@@ -207,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
   document: dict[str, Any] = {
       "knn": section(first), "features": first, "temperature": args.temperature,
       "train": train.summary, "test": test.summary, "class_names": class_names}
+  if suite is not None:  # equal hashes: measured on the same images
+    document["suite"] = suite
   for other in args.features[1:]:
     document.setdefault("compared", {})[other] = {
         "knn": section(other),

@@ -54,14 +54,14 @@ def run(args: argparse.Namespace) -> int:
   from agriclip_jax.fileio import atomic_write_json
   if args.shots is not None and (min(args.shots) < 1 or args.seeds < 1):
     raise ValueError(f"--shots {args.shots} and --seeds {args.seeds} must be positive")
-  train, test, class_names = train_and_test_features(args)
+  train, test, class_names, suite = train_and_test_features(args)
   num_classes = len(class_names)
   if args.shots:
     counts = np.bincount(train.labels, minlength=num_classes)
     short = {name: int(count) for name, count in zip(class_names, counts) if count < max(args.shots)}
     if short:
       raise ValueError(f"--shots {max(args.shots)} needs as many training images of every class; "
-                       f"{args.train} has fewer of {short}")
+                       f"{train.summary['source']} has fewer of {short}")
   results = {kind: probe_correct(train.features[kind], train.labels, test.features[kind],
                                  test.labels, num_classes, args) for kind in args.features}
 
@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
   first = args.features[0]
   document: dict[str, Any] = {**section(first), "features": first, "train": train.summary,
                               "test": test.summary, "class_names": class_names}
+  if suite is not None:  # equal hashes: measured on the same images
+    document["suite"] = suite
   for other in args.features[1:]:
     document.setdefault("compared", {})[other] = {
         **section(other),

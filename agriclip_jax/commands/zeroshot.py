@@ -14,7 +14,9 @@ agriclip --predictions` (any of them may still be given): the same path, with th
 class-embedding rule (`zeroshot.RECIPES`). With --eval-fraction F only the items whose key hashes
 into the evaluation split are scored (`agriclip align --reserve-eval F` leaves exactly those out);
 without it the whole data set is evaluation data, as for the paper's downstream sets, disjoint
-from ALive. The results JSON feeds `agriclip report`.
+from ALive. With a pinned suite (`agriclip suite pin`) every task's data is checked against its
+pin before any model loads, and the results record {"suite": {"path", "hash"}} (and each row its
+task's "files_hash"): equal hashes, the same images. The results JSON feeds `agriclip report`.
 """
 
 from __future__ import annotations
@@ -33,40 +35,10 @@ def methods_from_flag(flag: str) -> tuple[str, ...]:
   return zeroshot.METHODS if flag == "all" else (flag,)
 
 
-def _open_entry_source(entry):
-  from input_pipeline.sources import open_source
-  task = entry.task
-  if entry.data is not None:
-    return entry.data, open_source(entry.data)
-  if task.kind != "tfds":
-    raise ValueError(f"task {task.name!r} needs --data (its ImageFolder)")
-  spec = f"tfds:{task.tfds_name}:{entry.split or 'train'}"
-  return spec, open_source(spec, image_feature="image")
-
-
-def _class_names(entry, source) -> list[str]:
-  task = entry.task
-  folder_names = getattr(source, "class_names", None)
-  if folder_names is not None and task.class_names is not None and \
-      list(folder_names) != list(task.class_names):
-    raise ValueError(f"task {task.name!r}: the data's classes {list(folder_names)} differ from the "
-                     f"registry's {list(task.class_names)}")
-  names = list(folder_names if folder_names is not None else task.class_names or [])
-  if not names:
-    raise ValueError(f"task {task.name!r}: no class names (neither the registry nor the data has them)")
-  return names
-
-
-def evaluation_indices(source, eval_fraction: float | None, limit: int | None, seed: int = 0) -> np.ndarray:
-  from agriclip_jax import features
-  indices = np.arange(len(source))
-  if eval_fraction is not None:
-    keys = features.record_keys(source)
-    indices = np.array([i for i in indices if zeroshot.is_eval_item(keys[i], eval_fraction)], np.int64)
-  if limit is not None and len(indices) > limit:  # a random subset keeps every class represented
+def limit_indices(indices: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
+  """At most `limit` of `indices`: a seeded random subset keeps every class represented."""
+  if limit is not None and len(indices) > limit:
     indices = np.sort(np.random.default_rng(seed).choice(indices, limit, replace=False))
-  if len(indices) == 0:
-    raise ValueError("no items to evaluate (empty data, or the evaluation split is empty)")
   return indices
 
 
@@ -116,29 +88,40 @@ def evaluate_entry(entry, model, methods: Sequence[str], ensemble_weight: float 
   "retrieval": rows, "predictions": per image (with `predictions`)} of one suite entry, through
   `zeroshot.score_task` (`model`: an `api.Model`)."""
   from agriclip_jax import features, tasks
-  spec, source = _open_entry_source(entry)
+  records = tasks.entry_records(entry, eval_fraction)  # the split, then the class subset
+  spec, source = records.spec, records.source
   fraction = entry.eval_fraction if entry.eval_fraction is not None else eval_fraction
-  indices = evaluation_indices(source, fraction, limit)
+  indices = limit_indices(records.indices, limit)
   out: dict[str, list] = {"results": [], "differences": [], "retrieval": [], "predictions": []}
   if entry.task.kind == "captioned" or (retrieval and not _has_labels(source, indices)):
     # captions without class labels: retrieval only
     out["retrieval"] = _retrieval_only(entry, source, indices, model, methods, batch_size, cache,
                                        spec)
     return out
-  class_names = _class_names(entry, source)
+  class_names = records.class_names
+  if not class_names:
+    raise ValueError(f"task {entry.task.name!r}: no class names (neither the registry nor the data "
+                     f"has them; a suite entry may give 'class_names')")
+  data_print = features.data_fingerprint(spec, source)
+  if entry.class_names is not None:  # the cache holds labels: those of this subset
+    data_print = features.fingerprint(data_print, class_names)
   clean = zeroshot.get_recipe(recipe).clean_names
   scored = zeroshot.score_task(
       entry.task.name, source, indices, class_names, entry.task.templates, model, methods,
       recipe=recipe, prompt_names=tasks.prompt_names(entry.task, class_names) if clean else None,
       ensemble_weight=ensemble_weight, batch_size=batch_size, cache=cache,
-      data_fingerprint=features.data_fingerprint(spec, source))
+      data_fingerprint=data_print)
   names = features.record_names(source, scored.encoded.indices)
   skipped = [{"image": name, "reason": reason} for name, reason in
              zip(features.record_names(source, [i for i, _ in scored.encoded.skipped_records]),
                  [reason for _, reason in scored.encoded.skipped_records])]
-  out["results"], out["differences"] = zeroshot.task_rows(
-      scored, data=spec, eval_fraction=fraction, requested_images=int(len(indices)),
-      skipped_images=skipped)
+  common: dict[str, Any] = {"data": spec, "eval_fraction": fraction,
+                            "requested_images": int(len(indices)), "skipped_images": skipped}
+  if entry.class_names is not None:
+    common["excluded_images"] = records.excluded  # per class left out by the subset
+  if entry.pin is not None:
+    common["files_hash"] = entry.pin["files_hash"]
+  out["results"], out["differences"] = zeroshot.task_rows(scored, **common)
   if retrieval:
     out["retrieval"] = _retrieval_rows(entry, source, scored.encoded, model, methods)
   if predictions:
@@ -222,7 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--task", help="a registered task (its templates and class names)")
   parser.add_argument("--template", action="append",
                       help="prompt template with '{}'; repeat for an ensemble of templates")
-  parser.add_argument("--suite", type=Path, help="JSON suite file: several tasks, reports the mean")
+  parser.add_argument("--suite", type=Path,
+                      help="JSON suite file: several tasks, reports the mean; a pinned suite "
+                           "(agriclip suite pin) has its data checked against the pin first")
   parser.add_argument("--method", choices=(*zeroshot.METHODS, "all"), default=None,
                       help="default: all (agriclip with --clip)")
   parser.add_argument("--recipe", choices=sorted(zeroshot.RECIPES), default=None,
@@ -253,12 +238,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   distributed.add_arguments(parser)
 
 
+def suite_from_args(args: argparse.Namespace):
+  """The `tasks.Suite` of --suite (a suite file or a pinned suite), or None."""
+  from agriclip_jax import tasks
+  if args.suite is None:
+    return None
+  if args.task or args.template or args.data:
+    raise ValueError("--suite lists its own tasks; drop --task/--template/--data")
+  return tasks.read_suite(args.suite)
+
+
 def entries_from_args(args: argparse.Namespace):
   from agriclip_jax import tasks
   if args.suite is not None:
-    if args.task or args.template or args.data:
-      raise ValueError("--suite lists its own tasks; drop --task/--template/--data")
-    return tasks.load_suite(args.suite)
+    return suite_from_args(args).entries
   if args.task is None and not args.template and args.retrieval and args.data:
     return [tasks.SuiteEntry(tasks.Task(Path(str(args.data)).stem, (tasks.FALLBACK_TEMPLATE,),
                                         "captioned"), args.data)]
@@ -291,7 +284,12 @@ def run(args: argparse.Namespace) -> int:
   recipe = args.recipe or ("reference" if bundle else "agriclip-jax")
   predictions = args.predictions if args.predictions is not None else bundle
   methods = methods_from_flag(method)
-  entries = entries_from_args(args)
+  suite = suite_from_args(args)
+  entries = suite.entries if suite is not None else entries_from_args(args)
+  if suite is not None and suite.hash is not None:
+    from agriclip_jax import suite_pin
+    suite_pin.check_suite(suite)  # before any model loads: a changed file is an error now
+    print(f"[zeroshot] data equal to the pinned suite {args.suite} (hash {suite.hash[:16]})")
   model = load_model(args, methods)
   cache = features.FeatureCache(args.cache) if args.cache else None
   document = run_suite(entries, model, methods, ensemble_weight=args.ensemble_weight,
@@ -302,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
                         "aligner": str(args.aligner), "methods": list(methods), "recipe": recipe,
                         "ensemble_weight": args.ensemble_weight,
                         "eval_fraction": args.eval_fraction, "limit": args.limit}
+  if suite is not None:  # equal hashes: measured on the same images (None: the suite is not pinned)
+    document["suite"] = {"path": str(args.suite), "hash": suite.hash}
   if not distributed.writes_outputs():
     return 0
   fileio.atomic_write_json(args.out, document, indent=2)
