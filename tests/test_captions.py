@@ -114,6 +114,9 @@ def test_captions_command_writes_a_manifest_the_pipeline_reads(tiny_corn, tmp_pa
 def test_captions_command_rejects_unknown_class_folders(tiny_corn, tmp_path, capsys):
   images, meta = tiny_corn
   (images / "Mystery").mkdir()
+  # a photo in it: an empty class folder is refused earlier, by the ImageFolder reading itself
+  photo = next(images.glob("*/*.jpg"))
+  (images / "Mystery" / photo.name).write_bytes(photo.read_bytes())
   out = tmp_path / "m.jsonl"
   assert cli.main(["captions", "--images", str(images), "--metadata", str(meta), "--out", str(out)]) == 2
   assert "['Mystery']" in capsys.readouterr().err and not out.exists()
