@@ -20,7 +20,7 @@ from agriclip_jax.train import state as state_lib
 from agriclip_jax.train import steps as steps_lib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import bench_dino_step  # noqa: E402
+from benchmarks import bench_dino_step, dino_torch_peer  # noqa: E402
 from benchmarks.bench_mfu import count_compilations  # noqa: E402
 from configs import tiny  # noqa: E402
 
@@ -130,9 +130,9 @@ def test_dino_benchmark_peer_matches_project_step():
   lr = float(task.schedules["dino"]["lr"](0))
   weight_decay = float(task.schedules["dino"]["weight_decay"](0))
   momentum = float(task.dino.teacher_momentum(0))
-  peer = bench_dino_step.TorchDinoStep(bench, lr, weight_decay)
+  peer = dino_torch_peer.TorchDinoStep(bench, lr, weight_decay)
   peer.load_flax(jax.device_get(state["params"]["dino"]))
-  global_crops, local_crops = bench_dino_step.to_torch_crops(crops)
+  global_crops, local_crops = dino_torch_peer.to_torch_crops(crops)
   flax_losses, torch_losses = [], []
   for _ in range(2):
     state, metrics = step(state, crops)
