@@ -113,6 +113,14 @@ class FeatureCache:
     except (OSError, ValueError, KeyError) as e:
       raise ValueError(f"feature cache file {path} is unreadable ({e}); delete it to recompute") from e
 
+  def skipped_records(self, key: str) -> list[tuple[int, str]]:
+    """(index, reason) of the records that could not be decoded when the entry was written."""
+    try:
+      meta = json.loads(self._path(key).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+      return []
+    return [(int(index), str(reason)) for index, reason in meta.get("skipped_records", [])]
+
   def put(self, key: str, features: np.ndarray, indices: np.ndarray, labels: np.ndarray,
           metadata: dict[str, Any] | None = None) -> Path:
     path = self._path(key)
@@ -320,9 +328,11 @@ def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncode
             for name, hit in hits.items()}
   features = {name: hit[0] for name, hit in hits.items() if hit is not None}
   pending = [e for e in encoders if e.name not in features]
-  if not pending:
+  if not pending:  # the unreadable records are told as the first run told them
     _, cached_indices, cached_labels = next(iter(hits.values()))
-    return EncodedImages(features, cached_indices, cached_labels, {})
+    records = cache.skipped_records(keys[encoders[0].name])
+    return EncodedImages(features, cached_indices, cached_labels,
+                         dict(Counter(reason for _, reason in records)), records)
   encoded = _encode_local(source, _process_slice(indices), pending, batch_size, mesh, desc,
                           workers or min(8, os.cpu_count() or 1))
   if jax.process_count() > 1:
@@ -334,7 +344,8 @@ def encode_source(source, indices: Sequence[int], encoders: Sequence[ImageEncode
   if cache is not None and jax.process_index() == 0:
     for e in pending:
       cache.put(keys[e.name], encoded.features[e.name], encoded.indices, encoded.labels,
-                {"encoder": e.name, "view": e.view_name, "skipped": encoded.skipped})
+                {"encoder": e.name, "view": e.view_name, "skipped": encoded.skipped,
+                 "skipped_records": encoded.skipped_records})
   if encoded.skipped:
     print(f"[features] {desc}: skipped {sum(encoded.skipped.values())} of {len(indices)} records "
           f"that could not be decoded: {encoded.skipped}")

@@ -100,6 +100,8 @@ def test_encode_source_decodes_once_skips_bad_records_and_caches(corn_dir, tmp_p
   np.testing.assert_array_equal(again.indices, result.indices)
   np.testing.assert_array_equal(again.labels, result.labels)
   np.testing.assert_array_equal(again.features["b"], result.features["b"])
+  assert again.skipped == result.skipped and again.skipped_records == result.skipped_records == [
+      (int(broken_index), "not_an_image")]  # a cached run still names the unreadable record
   # Other data -> other key -> recomputed.
   fresh = features.encode_source(source, indices[:2], encoders, batch_size=4, cache=cache,
                                  data_fingerprint=data_print)
