@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Accelerator check, at most 8 minutes on one GPU:
+# Accelerator check, at most 9.5 minutes on one GPU (budgets: 175 + 105 + 150 + 2 x 60 s, each a timeout):
 #   1. CLIP ViT-B/16 bf16 contrastive train step at the largest batch that fits (doubling, judged
 #      by XLA's memory analysis of the compiled step), and
 #   2. DINO ViT-S/16 multi-crop bf16 train step (2x224 + 8x96 crops),
@@ -9,7 +9,9 @@
 #      contrastive ViT-L/14, bf16, accumulate 1 and 8) on this machine's own devices, at the
 #      per-device batch of the simulated 8-device runs (global 4k and 32k over 8 -> 512 and 4096
 #      per device): XLA's memory analysis from the real compiler, and one executed step's peak
-#      memory where the estimate fits (benchmarks/bench_pod_memory.py --real --execute).
+#      memory where the estimate fits (benchmarks/bench_pod_memory.py --real --execute), and
+#   4. the end-to-end images/s of `agriclip train` (DINO ViT-S/16 multi-crop) on real JPEGs with
+#      the views rendered on the device and on the host (data.augment_on=device|host).
 #
 # Usage (repo root or anywhere):  benchmarks/gpu.sh          on a GPU machine
 #                                 benchmarks/gpu.sh --tiny   tiny sizes on CPU (smoke test)
@@ -84,7 +86,7 @@ print(f"# jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].devi
       f"flax {flax.__version__}, optax {optax.__version__}")
 EOF
 
-# 3. The checks, each in its own process (peak memory is per process), inside the 8 minutes.
+# 3. The checks, each in its own process (peak memory is per process), inside the 9.5 minutes.
 run_check() {  # run_check SECONDS MODULE ARGS...: output to the terminal and the log
   local seconds=$1
   shift
@@ -109,8 +111,44 @@ if [[ -n "$TINY" ]]; then
     --batches 8 --accumulate 1,2 || status=1
 else
   # Each configuration prints its line when done: a budget cut keeps the ones before it.
-  run_check 180 benchmarks.bench_pod_memory --real --meshes all --batches 512,4096 \
+  run_check 150 benchmarks.bench_pod_memory --real --meshes all --batches 512,4096 \
     --accumulate 1,8 --execute --out "${LOG%.log}_pod_memory.json" || status=1
 fi
+
+# 4. End to end: `agriclip train` (DINO ViT-S/16 multi-crop at 224 px; tiny: configs/tiny.py:dino)
+#    on real JPEGs, the views rendered on the device and on the host (PIL in Grain workers); the
+#    images/s of the last log window (steps after compilation), per placement.
+photos=../shared/data/corn/lab
+[[ -d "$photos" ]] || photos=tests/data/corn/lab
+e2e_dir=$(mktemp -d)
+if [[ -n "$TINY" ]]; then
+  e2e_config=(--config configs/tiny.py:dino --config.batch_size=4 --config.total_steps=6
+              --config.log_every_steps=3)
+  e2e_s=300
+else
+  e2e_config=(--config configs/dino_vits16_alive.py --config.batch_size=64 --config.total_steps=30
+              --config.log_every_steps=10 --config.data.num_workers="$(nproc)")
+  e2e_s=60
+fi
+for placement in device host; do
+  timeout "$e2e_s" "$PY" -m agriclip_jax train "${e2e_config[@]}" --workdir "$e2e_dir/$placement" \
+      --config.data.source="$photos" --config.data.augment_on="$placement" \
+      --config.checkpoint_every_steps=100000 --config.tensorboard=False >"$e2e_dir/$placement.log" 2>&1
+  code=$?
+  if (( code == 0 )); then
+    "$PY" -c '
+import json, sys
+last = [json.loads(line) for line in open(sys.argv[1]) if "images_per_sec" in line][-1]
+rate, step = last["images_per_sec"], last["step"]
+print(f"e2e_train_{sys.argv[2]}: {rate:.1f} images/s (agriclip train, views on the "
+      f"{sys.argv[2]}, step {step}, JPEGs of {sys.argv[3]})")
+' "$e2e_dir/$placement/metrics.jsonl" "$placement" "$photos" | tee -a "$LOG"
+  else
+    echo "# e2e train with views on the $placement failed (exit $code):" | tee -a "$LOG"
+    tail -n 5 "$e2e_dir/$placement.log" | tee -a "$LOG"
+    status=1
+  fi
+done
+rm -rf "$e2e_dir"
 echo "# gpu.sh finished with status $status; figures also in $LOG"
 exit "$status"
