@@ -46,11 +46,11 @@ def _losses(workdir: Path) -> list[float]:
   return [json.loads(line)["loss"] for line in lines]
 
 
-def _start_two(args: list[str]) -> list[subprocess.Popen]:
+def _start_two(args: list[str], devices: int = 4) -> list[subprocess.Popen]:
   port = _free_port()
   return [subprocess.Popen(args + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                    "--process-id", str(i), "--cpu-collectives", "gloo"],
-                           cwd=REPO, env=_env(4), stdout=subprocess.PIPE,
+                           cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from test_eval_commands import corn_split, models  # noqa: F401  (module fixtures)
-from test_multihost import REPO, _env, _free_port
+from test_multihost import REPO, _env, _finish_all, _start_two
 
 
 def _zeroshot(models, data, out):  # noqa: F811
@@ -28,19 +28,8 @@ def test_two_processes_give_the_zeroshot_results_of_one(models, corn_split, tmp_
                           env=_env(2), capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
 
-  port = _free_port()
-  processes = [subprocess.Popen(_zeroshot(models, data, tmp_path / "multi.json") + [
-      "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-      "--cpu-collectives", "gloo"], cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = []
-  try:
-    for process in processes:
-      outputs.append(process.communicate(timeout=600)[0])
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
+  processes = _start_two(_zeroshot(models, data, tmp_path / "multi.json"), devices=1)
+  outputs = _finish_all(processes)
   for process, out in zip(processes, outputs):
     assert process.returncode == 0, out[-3000:]
   assert "results ->" in outputs[0] and "results ->" not in outputs[1]  # process 0 writes
