@@ -2,7 +2,7 @@
 
     import agriclip_jax as ac
     model = ac.load("runs/demo/models/clip")            # a CLIP in any format `convert` reads
-    model = ac.load(clip="runs/demo/models/clip", dino="runs/demo/models/dino_backbone",
+    model = ac.load(clip="runs/demo/models/clip", dino="runs/demo/models/dino",
                     aligner="runs/demo/models/aligner.safetensors")      # AgriCLIP
     model.embed_images(["leaf.jpg", pixels_uint8_hxwx3])   # [N, D], unit rows
     model.embed_texts(["a photo of a corn leaf with rust"])  # [N, D], unit rows

@@ -1,11 +1,13 @@
 """The whole AgriCLIP pipeline, offline, as one function per stage (`agriclip demo` runs them).
 
-    data      ALive-synth (`synthetic.py`): pretraining set + disjoint downstream tasks, or your
-              own ImageFolder / manifest (`--data`) and zero-shot folders (`--eval`)
+    data      ALive-synth (`testing/synthetic.py`): pretraining set + disjoint downstream tasks,
+              or your own ImageFolder / manifest (`--data`) and zero-shot folders (`--eval`)
     captions  ALive-style captions through `prompts.py` (+ the synthetic writer's own captions),
               written as a JSONL manifest the input pipeline reads
     tokenizer byte-level BPE trained on those captions (no OpenAI vocabulary needed)
-    train     joint CLIP + DINO: one jitted step updates both models from the same batch
+    train     joint CLIP + DINO through `agriclip train`'s loop (train/loop.train) in the workdir:
+              one jitted step updates both models from the same batch; checkpoints, resume,
+              metrics.jsonl, TensorBoard and the export to W/models/ are the loop's
     features  CLIP image embeddings, DINO (teacher) features, CLIP text embeddings of the prompts
     align     exact least-squares aligner DINO -> CLIP on the training images' features
     zeroshot  every task with CLIP only, aligned DINO (AgriCLIP) and their ensemble
@@ -25,7 +27,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -91,6 +93,7 @@ class EvalTask:
 @dataclasses.dataclass
 class DemoData:
   train_source: Any  # records with "captions": what the joint training and the aligner see
+  train_spec: str  # the same records as a data source path (the training config's data.source)
   captions: list[str]  # every training caption (the tokenizer's corpus)
   tasks: list[EvalTask]
   description: str
@@ -101,42 +104,10 @@ def _write_jsonl(path: Path, lines: Sequence[dict]) -> Path:
   return atomic_write_jsonl(path, lines)
 
 
-_DOMAIN_SUBJECT = {"crop": "plant", "fish": "fish", "livestock": "animal"}
-
-
-def synthetic_caption_metadata(entry: dict) -> "Any":
-  """One ALive-synth dataset (its metadata.json entry) as `prompts.DatasetMetadata`.
-
-  Leaf disease sets keep prompts' disease phrasing ("a maize leaf with rust"); every other set
-  (fish varieties, breeds, species) is phrased as species names over the whole class description
-  ("a trout with thin vertical bars", "a holstein cattle"), which keeps each caption grammatical.
-  """
-  from agriclip_jax import prompts, synthetic
-  domain = entry["domain"]
-  classes = []
-  if entry["task"] == "disease":
-    subject = synthetic.subject(domain, entry["classes"][0]["subject"]).readable
-    for cls in entry["classes"]:
-      healthy = cls["conditions"] == ["healthy"]
-      classes.append({"name": cls["name"], "readable": "healthy" if healthy else cls["readable"],
-                      "attributes": cls["attributes"], "healthy": healthy})
-    task = "disease"
-  else:
-    subject = _DOMAIN_SUBJECT[domain]
-    for cls in entry["classes"]:
-      readable = cls["readable"]
-      if entry["task"] == "variety":  # class "red fins" of the trout set -> "trout with red fins"
-        readable = f"{synthetic.subject(domain, cls['subject']).readable} with {readable}"
-      classes.append({"name": cls["name"], "readable": readable, "attributes": cls["attributes"]})
-    task = "species"
-  return prompts.parse_metadata({"name": entry["name"], "domain": domain, "task": task,
-                                 "subject": subject, "classes": classes},
-                                f"ALive-synth dataset {entry['name']!r}")
-
-
 def synthetic_data(workdir: Path, config) -> DemoData:
   """Writes ALive-synth and its captioned manifest; the tasks come from tasks.json."""
-  from agriclip_jax import prompts, synthetic
+  from agriclip_jax import prompts
+  from agriclip_jax.testing import synthetic
   from input_pipeline.sources import ImageFolderSource, JsonlSource
   s = config.synthetic
   pretrain_dir = workdir / "data" / "pretrain"
@@ -151,7 +122,7 @@ def synthetic_data(workdir: Path, config) -> DemoData:
       f"{s.image_size} px in {time.perf_counter() - start:.1f} s")
 
   metadata = json.loads((pretrain_dir / "metadata.json").read_text())
-  by_dataset = {entry["name"]: synthetic_caption_metadata(entry) for entry in metadata["datasets"]}
+  by_dataset = {entry["name"]: synthetic.caption_metadata(entry) for entry in metadata["datasets"]}
   class_index: dict[tuple[str, str], int] = {}
   lines, corpus = [], []
   with open(pretrain_dir / "manifest.jsonl", encoding="utf-8") as handle:
@@ -176,7 +147,7 @@ def synthetic_data(workdir: Path, config) -> DemoData:
     if tuple(task.source.class_names) != spec.class_folders:
       raise ValueError(f"task {spec.name}: folders {task.source.class_names} differ from "
                        f"tasks.json {spec.class_folders}")
-  return DemoData(JsonlSource(manifest), corpus, tasks, "ALive-synth (generated)")
+  return DemoData(JsonlSource(manifest), str(manifest), corpus, tasks, "ALive-synth (generated)")
 
 
 def class_prompts(folders: Sequence[str], config, metadata
@@ -258,14 +229,14 @@ def own_data(workdir: Path, config, data: str, metadata_path: str | None, evals:
     lines = [{"image": os.path.abspath(entries[i]["path"]), "captions": caps, "label": lab,
               "key": key} for i, caps, lab, key in zip(train_rows, captions, labels, keys)]
     manifest = _write_jsonl(workdir / "data" / "captions.jsonl", lines)
-    source = JsonlSource(manifest)
+    source, spec = JsonlSource(manifest), str(manifest)
     corpus = [c for caps in captions for c in caps]
     log(f"captions for {len(lines)} images of {data_path} "
         f"({'metadata ' + str(metadata_path) if metadata else 'class folder names'}) -> {manifest}")
   else:
     if holdout > 0:
       raise ValueError(f"--holdout needs an ImageFolder --data; {data} is a manifest or shards")
-    source = open_source(data)
+    source, spec = open_source(data), data
     corpus = [c for i in range(len(source)) for c in source.entry(i)["captions"]] if hasattr(
         source, "entry") else []
     if not corpus:
@@ -277,7 +248,7 @@ def own_data(workdir: Path, config, data: str, metadata_path: str | None, evals:
                           *class_prompts(source_eval.class_names, config, metadata)))
   if not tasks:
     raise ValueError("no zero-shot task: give --eval FOLDER (one per task) or --holdout FRACTION")
-  return DemoData(source, corpus, tasks, f"own data {data}")
+  return DemoData(source, spec, corpus, tasks, f"own data {data}")
 
 
 # ================================================================================================
@@ -293,107 +264,65 @@ def train_tokenizer(corpus: Sequence[str], config, out_dir: Path):
   return tok
 
 
-@dataclasses.dataclass
-class TrainedModels:
-  clip_config: Any  # CLIPConfig
-  clip_params: Any
-  dino_config: Any  # DINOConfig
-  dino_teacher: Any  # the EMA teacher (DINO evaluates the teacher)
-  history: list[dict[str, float]]
-  steps_per_second: float
-
-
-def _tokenize_fn(tokenizer, context_length: int) -> Callable[[list[str]], np.ndarray]:
-  return lambda texts: tokenizer.encode(texts, context_length=context_length)
-
-
-def _train_dataset(train_cfg, augment, source, tokenize):
-  from input_pipeline.pipeline import make_train_dataset
-  from input_pipeline.transforms import MultiCropConfig
-  d = train_cfg.data
-  multicrop = MultiCropConfig(
-      global_size=d.global_crop_size, local_size=d.local_crop_size, num_local=d.n_local_crops,
-      global_scale=tuple(augment.global_scale), local_scale=tuple(augment.local_scale),
-      jitter_p=augment.jitter_p, jitter=tuple(augment.jitter), grayscale_p=augment.grayscale_p,
-      blur_p=tuple(augment.blur_p), solarize_p=augment.solarize_p)
-  return make_train_dataset(source, kind="joint", global_batch_size=train_cfg.batch_size,
-                            seed=train_cfg.seed, tokenize=tokenize, image_size=d.image_size,
-                            clip_scale=tuple(augment.clip_scale), multicrop=multicrop,
-                            num_workers=d.num_workers)
-
-
-def train_joint(train_cfg, augment, source, tokenizer) -> TrainedModels:
-  """Joint CLIP + DINO training through the training core (build_task, sharded state, the jitted
-  joint step) on a one-device mesh; the Grain pipeline feeds it."""
-  import jax
-  from agriclip_jax.train import config as config_lib
-  from agriclip_jax.train import state as state_lib
-  from agriclip_jax.train import steps as steps_lib
-  from agriclip_jax.train.sharding import BATCH_AXES, make_mesh
-  from input_pipeline.pipeline import device_prefetch
-  from jax.sharding import PartitionSpec
-
-  devices = jax.devices()[:train_cfg.mesh.data * train_cfg.mesh.fsdp]
-  config_lib.validate_config(train_cfg, len(devices))
-  mesh = make_mesh(train_cfg.mesh.data, train_cfg.mesh.fsdp, devices)
-  steps_per_epoch = max(1, len(source) // train_cfg.batch_size)
-  task = state_lib.build_task(train_cfg, steps_per_epoch)
-  state, shardings = state_lib.create_sharded_state(task, mesh, train_cfg)
-  step_fn = steps_lib.jit_train_step(task, mesh, shardings, train_cfg.fast_compile)
-  log(f"joint training: CLIP {state_lib.parameter_count(state['params']['clip']):,} params, "
-      f"DINO {state_lib.parameter_count(state['params']['dino']):,} params, "
-      f"{train_cfg.total_steps} steps of {train_cfg.batch_size} "
-      f"({train_cfg.total_steps * train_cfg.batch_size / len(source):.1f} epochs of {len(source)})")
-  tokenize = _tokenize_fn(tokenizer, train_cfg.data.context_length)
-  batches = device_prefetch(iter(_train_dataset(train_cfg, augment, source, tokenize)), mesh,
-                            PartitionSpec(BATCH_AXES))
-  history = []
-  start = compiled_at = time.perf_counter()
-  for step in range(train_cfg.total_steps):
-    batch = next(batches)
-    state, metrics = step_fn(state, {k: v for k, v in batch.items() if k != "label"})
-    if step == 0:
-      jax.block_until_ready(metrics["loss"])
-      compiled_at = time.perf_counter()
-      log(f"step 1 (compile + first batch) in {compiled_at - start:.1f} s")
-    if (step + 1) % train_cfg.log_every_steps == 0 or step + 1 == train_cfg.total_steps:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      values["step"] = step + 1
-      history.append(values)
-      log(f"step {step + 1}/{train_cfg.total_steps}: contrastive {values['contrastive_loss']:.3f} "
-          f"dino {values['dino_loss']:.3f} logit scale {values['logit_scale']:.1f} "
-          f"teacher entropy {values['teacher_entropy']:.2f}/"
-          f"{values['teacher_marginal_entropy']:.2f} "
-          f"({time.perf_counter() - start:.0f} s)")
-  elapsed = time.perf_counter() - compiled_at
-  rate = (train_cfg.total_steps - 1) / elapsed if elapsed > 0 else float("nan")
-  skipped = int(jax.device_get(state["skipped"]))
-  if skipped:
-    log(f"warning: {skipped} non-finite steps were skipped")
-  bad = batches.bad_records
-  if bad is not None and bad.skipped:
-    log(f"input: {bad.describe()}")
-  host = jax.device_get(state)
-  return TrainedModels(task.clip_model.config, host["params"]["clip"], task.dino_model.config,
-                       host["teacher"]["dino"], history, rate)
-
-
-def save_models(models: TrainedModels, models_dir: Path, tokenizer_dir: Path) -> dict[str, Path]:
-  """Model directories: the CLIP (with its tokenizer), the DINO teacher (backbone + head) and its
-  backbone alone (what the aligner reads)."""
+def demo_tokenizer(corpus: Sequence[str], config, out_dir: Path, workdir: Path):
+  """The tokenizer trained on the captions; when the workdir already holds training checkpoints
+  (a stopped run being resumed, or a finished one rerun), the tokenizer they were trained with."""
   from agriclip_jax import model_io
-  paths = {
-      "clip": model_io.save_model_dir(models_dir / "clip", "clip", models.clip_config.to_dict(),
-                                      {"params": models.clip_params}, tokenizer_dir),
-      "dino": model_io.save_model_dir(models_dir / "dino", "dino", models.dino_config.to_dict(),
-                                      {"params": models.dino_teacher}),
-      "dino_backbone": model_io.save_model_dir(
-          models_dir / "dino_backbone", "vit", models.dino_config.backbone.to_dict(),
-          {"params": models.dino_teacher["backbone"]}),
-  }
-  for name, path in paths.items():
-    log(f"model directory {name}: {path}")
-  return paths
+  from agriclip_jax.tokenizer import load_tokenizer
+  checkpoints = workdir / "checkpoints"
+  if model_io.has_tokenizer(out_dir) and checkpoints.is_dir() and any(
+      p.name.isdigit() for p in checkpoints.iterdir()):
+    tok = load_tokenizer(out_dir)
+    log(f"BPE tokenizer: {tok.vocab_size} tokens from {out_dir}, the one the checkpoints in "
+        f"{checkpoints} were trained with")
+    return tok
+  return train_tokenizer(corpus, config, out_dir)
+
+
+def training_config(config, data: DemoData, tokenizer_dir: Path, vocab_size: int):
+  """The demo's `train` section pointed at the data stage's manifest and tokenizer: a run config
+  that `agriclip train --config` would run the same way."""
+  train_cfg = config.train.copy_and_resolve_references()
+  with train_cfg.unlocked():
+    train_cfg.data.source = data.train_spec
+    train_cfg.data.tokenizer = str(tokenizer_dir)
+    train_cfg.clip.vocab_size = vocab_size
+  return train_cfg
+
+
+class TrainingStopped(Exception):
+  """A signal stopped the training after its checkpoint was saved; the demo stops there and the
+  same command resumes it."""
+
+  def __init__(self, signal_name: str, workdir: Path):
+    super().__init__(f"stopped by {signal_name} during training, after saving a checkpoint in "
+                     f"{workdir / 'checkpoints'}; run the same command again to resume")
+    self.signal_name = signal_name
+
+
+@dataclasses.dataclass
+class TrainingRun:
+  paths: dict[str, Path]  # model directories: "clip" (with its tokenizer), "dino" (the teacher)
+  history: list[dict[str, Any]]  # the logged steps of W/metrics.jsonl
+  steps_per_second: float | None  # the median of the logged windows
+
+
+def train_models(train_cfg, workdir: Path) -> TrainingRun:
+  """Joint CLIP + DINO training by `agriclip train`'s loop (train/loop.train) in the demo's
+  workdir: its checkpoints, W/metrics.jsonl, TensorBoard, resume, Ctrl-C / SIGTERM handling and
+  its export to W/models/clip and W/models/dino. A rerun resumes from the newest checkpoint; a
+  finished run is exported again from its last one."""
+  from agriclip_jax.train import loop
+  from agriclip_jax.train.metrics_writer import read_metrics
+  last = loop.train(train_cfg, workdir)
+  if last.get("stopped_by"):
+    raise TrainingStopped(last["stopped_by"], workdir)
+  history = [r for r in read_metrics(workdir) if "contrastive_loss" in r]
+  # The first window of a run (or of a resumed run) holds the compilation: the median skips it.
+  rates = [r["images_per_sec"] / train_cfg.batch_size for r in history if "images_per_sec" in r]
+  models = workdir / "models"
+  return TrainingRun({"clip": models / "clip", "dino": models / "dino"}, history,
+                     float(np.median(rates)) if rates else None)
 
 
 # ================================================================================================
@@ -411,7 +340,7 @@ def load_models(paths: dict[str, Path], batch_size: int, dino_pooling: str = "cl
   """The trained CLIP and DINO backbone as an `api.Model` (the aligner comes after the fit)."""
   from agriclip_jax import api, features
   return api.Model(clip=features.clip_model_encoders(paths["clip"], batch_size, _one_device_mesh()),
-                   dino=features.dino_model_encoder(paths["dino_backbone"], pooling=dino_pooling),
+                   dino=features.dino_model_encoder(paths["dino"], pooling=dino_pooling),
                    batch_size=batch_size)
 
 
@@ -606,7 +535,7 @@ def export_pytorch(paths: dict[str, Path], aligner, export_dir: Path,
       "recipe": "concatenate norm(x)[:, 0] of the last n_last_blocks blocks, oldest first "
                 "(with avgpool: interleave with the mean of norm(x)[:, 1:], as DINO's eval_linear)"})
   registry.convert(paths["clip"], "flax", out["clip_hf"], "hf")
-  registry.convert(paths["dino_backbone"], "flax", out["dino_vit"], "dino-vit")
+  registry.convert(paths["dino"], "flax", out["dino_vit"], "dino-vit")
   align.save_aligner(aligner, out["aligner"], metadata={"dino_pooling": dino_pooling})
   reference_layouts = {"dino_vit_pth": (out["dino_vit"], "dino-vit", export_dir / "dino_vit.pth"),
                        "aligner_pth": (out["aligner"], "agriclip-aligner",
@@ -659,16 +588,16 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
                        f"{len(data.tasks)} zero-shot tasks")
   with timer.stage("tokenizer", "BPE trained on the captions"):
     tokenizer_dir = workdir / "tokenizer"
-    tokenizer = train_tokenizer(data.captions, config, tokenizer_dir)
-  train_cfg = config.train.copy_and_resolve_references()
-  with train_cfg.unlocked():
-    train_cfg.clip.vocab_size = tokenizer.vocab_size
-  with timer.stage("train", "joint CLIP + DINO"):
-    models = train_joint(train_cfg, config.augment, data.train_source, tokenizer)
-    paths = save_models(models, workdir / "models", tokenizer_dir)
+    tokenizer = demo_tokenizer(data.captions, config, tokenizer_dir, workdir)
+  train_cfg = training_config(config, data, tokenizer_dir, tokenizer.vocab_size)
+  with timer.stage("train", "joint CLIP + DINO (agriclip train's loop)"):
+    trained = train_models(train_cfg, workdir)
+    paths = dict(trained.paths)
+    rate = (f"{trained.steps_per_second:.2f} steps/s, median of the logged windows"
+            if trained.steps_per_second else "no window logged")
     summary["train"] = (f"{train_cfg.total_steps} joint steps of batch {train_cfg.batch_size} at "
-                        f"{train_cfg.data.image_size} px ({models.steps_per_second:.2f} steps/s "
-                        f"after compilation)")
+                        f"{train_cfg.data.image_size} px ({rate}); checkpoints, metrics.jsonl "
+                        f"and TensorBoard in the workdir")
   with timer.stage("align", "features of the training images and the exact aligner"):
     model = load_models(paths, config.features.batch_size, config.features.dino_pooling)
     fitted = fit_aligner(model, data.train_source, config)
@@ -690,12 +619,12 @@ def run_demo(options: DemoOptions, config) -> dict[str, Any]:
   with timer.stage("report", "report.md, plots, results.json"):
     _write_json(workdir / "results.json", document)
     _write_json(workdir / "rows.json", {"results": rows})
-    write_report(workdir, rows, document, timer, summary, models.history)
+    write_report(workdir, rows, document, timer, summary, trained.history)
   if options.export:
     with timer.stage("export", "PyTorch: HF CLIP, DINO ViT and aligner state dicts"):
       exports = export_pytorch(paths, aligner, workdir / "export", config.features.dino_pooling)
       summary["exports"] = ", ".join(f"`{p.relative_to(workdir)}`" for p in exports.values())
-    write_report(workdir, rows, document, timer, summary, models.history)  # now with the exports
+    write_report(workdir, rows, document, timer, summary, trained.history)  # now with the exports
   timings = dict(timer.seconds, total=timer.total)
   _write_json(workdir / "timings.json", timings)
   for line in _comparison_lines(document):

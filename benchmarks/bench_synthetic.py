@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from agriclip_jax import synthetic as syn  # noqa: E402
+from agriclip_jax.testing import synthetic as syn  # noqa: E402
 
 TARGET_IMAGES_PER_S = 500.0
 

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from agriclip_jax.train import state as state_lib  # noqa: E402
 from agriclip_jax.train import steps as steps_lib  # noqa: E402
 from agriclip_jax.train.sharding import make_mesh  # noqa: E402
-from agriclip_jax.train.toy_data import TOY_CONTEXT_LENGTH, TOY_VOCAB_SIZE, make_toy_dataset  # noqa: E402
+from agriclip_jax.testing.toy_data import TOY_CONTEXT_LENGTH, TOY_VOCAB_SIZE, make_toy_dataset  # noqa: E402
 from configs import tiny  # noqa: E402
 
 

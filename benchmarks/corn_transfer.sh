@@ -39,7 +39,7 @@ if [[ "${SKIP_DEMO:-0}" != 1 ]]; then
       --eval "$DATA/field" --workdir "$DEMO" --no-export ${DEMO_CONFIG:+--config "$DEMO_CONFIG"}
 fi
 
-MODELS=(--model "$M/clip" --dino "$M/dino_backbone" --aligner "$M/aligner.safetensors")
+MODELS=(--model "$M/clip" --dino "$M/dino" --aligner "$M/aligner.safetensors")
 
 # The demo's prompt phrase for corn ("a photo of a corn leaf with ..."), over the cleaned folder
 # names (blight, common rust, gray leaf spot).

@@ -7,8 +7,8 @@
 - real_quick: `real` at test size.
 
 Sections: `synthetic` (generated data), `captions`, `tokenizer`, `train` (a full training config,
-the same keys as `agriclip train` configs: configs/tiny.py), `features`, `align`, `zeroshot`,
-`own_data`. Measured sizes and times are in BENCHMARKS.md; change them together with those numbers.
+the same keys as `agriclip train` configs: configs/tiny.py; its `data` section holds the
+augmentation), `features`, `align`, `zeroshot`, `own_data`. Measured sizes and times are in BENCHMARKS.md; change them together with those numbers.
 """
 
 import ml_collections
@@ -25,11 +25,14 @@ def _train_config(steps: int, batch_size: int, image_size: int) -> ml_collection
   c.batch_size = batch_size
   c.total_steps = steps
   c.log_every_steps = max(1, steps // 10)
-  c.checkpoint_every_steps = steps
+  # A demo stopped mid-training (Ctrl-C, kill) resumes from its newest checkpoint on the next run.
+  c.checkpoint_every_steps = max(1, steps // 4)
   c.fast_compile = False
   c.mesh.data = 1
   c.sharding.min_size = 2 ** 30  # tiny params: replicate everything
-  c.data.source = "demo"  # the demo hands the train step its own captioned source
+  # The demo's data stage writes the captioned manifest and the tokenizer and sets
+  # data.source and data.tokenizer to them before training.
+  c.data.source = "demo"
   c.data.image_size = image_size
   c.data.context_length = 32  # captions are short; 77 would only add padding
   c.data.global_crop_size = image_size
@@ -88,12 +91,12 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   # DINO multi-crop: the reference recipe is colour-invariant (jitter p 0.8, grayscale p 0.2), but
   # here colours name classes (fin colour, coat, chlorosis) and PIL jitter is the dearest part of
   # the input pipeline on 2 cores, so both are turned down.
-  c.augment = ml_collections.ConfigDict(dict(
-      global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), jitter_p=0.3,
+  c.train.data.update(dict(
+      global_crop_scale=(0.4, 1.0), local_crop_scale=(0.1, 0.4), jitter_p=0.3,
       jitter=(0.3, 0.3, 0.1, 0.0), grayscale_p=0.0, blur_p=(0.5, 0.1, 0.2), solarize_p=0.0,
-      clip_scale=(0.8, 1.0)))
+      clip_crop_scale=(0.8, 1.0)))
   if quick:
-    c.augment.jitter_p = 0.0  # the dearest augmentation; the quick run cannot afford it
+    c.train.data.jitter_p = 0.0  # the dearest augmentation; the quick run cannot afford it
   # The DINO tower: the tiny ViT (width 64) at depth 4 rather than 2 for the full runs. Measured on
   # a 3,000-image set with the final class token, aligned-DINO zero-shot rose from 28 % to 34 % for
   # ~40 % more step time; a wider head, more prototypes, other learning rates, teacher temperature

@@ -8,7 +8,7 @@ checks of the whole training path (sharding, checkpoints, resume, multi-host).
 """
 
 from agriclip_jax.train.config import default_config
-from agriclip_jax.train.toy_data import TOY_CONTEXT_LENGTH, TOY_VOCAB_SIZE
+from agriclip_jax.testing.toy_data import TOY_CONTEXT_LENGTH, TOY_VOCAB_SIZE
 
 
 def get_config(arg: str = "contrastive"):

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline.transforms import NORMALISATIONS, ClipViewConfig, MultiCropConfig, PreprocessSpec
+from input_pipeline.transforms import (NORMALISATIONS, ClipViewConfig, MultiCropConfig, PreprocessSpec,
+                                       train_views)
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -355,11 +356,8 @@ def resolve_augment_on(value: str, source: Any, backend: str) -> str:
 def views_for_train_config(config: Any) -> DeviceViews:
   """The run config's views, as agriclip_jax/train/loop.make_dataset builds them for the pipeline."""
   from input_pipeline import host_decode
-  d = config.data
-  multicrop = MultiCropConfig(global_size=d.global_crop_size, local_size=d.local_crop_size,
-                              num_local=d.n_local_crops, global_scale=tuple(d.global_crop_scale),
-                              local_scale=tuple(d.local_crop_scale))
-  return DeviceViews(config.kind, ClipViewConfig(d.image_size), multicrop,
+  clip_view, multicrop = train_views(config.data)
+  return DeviceViews(config.kind, clip_view, multicrop,
                      blur_taps=host_decode.blur_taps(multicrop.blur_radius))
 
 

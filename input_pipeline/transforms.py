@@ -410,6 +410,19 @@ class CropPlan:
   solarize: bool
 
 
+def train_views(data: Any) -> tuple[ClipViewConfig, MultiCropConfig]:
+  """A run config's data section (agriclip_jax/train/config.py) -> the CLIP view and the DINO
+  multi-crop it asks for: the one reading of those keys, for the host and the device paths."""
+  clip = ClipViewConfig(data.image_size, tuple(data.clip_crop_scale))
+  multicrop = MultiCropConfig(
+      global_size=data.global_crop_size, local_size=data.local_crop_size,
+      num_local=data.n_local_crops, global_scale=tuple(data.global_crop_scale),
+      local_scale=tuple(data.local_crop_scale), flip_p=data.flip_p, jitter_p=data.jitter_p,
+      jitter=tuple(data.jitter), grayscale_p=data.grayscale_p, blur_p=tuple(data.blur_p),
+      solarize_p=data.solarize_p)
+  return clip, multicrop
+
+
 def _sample_jitter(rng: np.random.Generator, strengths: Sequence[float]) -> tuple[tuple[str, float], ...]:
   """torchvision ColorJitter.get_params: a random order of the four ops, each with a factor."""
   brightness, contrast, saturation, hue = strengths

@@ -10,7 +10,8 @@ import pytest
 
 from agriclip_jax import cli
 from agriclip_jax.commands import data as data_command
-from input_pipeline import bad_corpus, pipeline, sources, tfds_builder, writers
+from agriclip_jax.testing import bad_corpus
+from input_pipeline import pipeline, sources, tfds_builder, writers
 from input_pipeline.transforms import MultiCropConfig
 
 # Each format's spec (relative to the corpus root) and the expectation it shares.

@@ -138,7 +138,7 @@ def test_checkpoint_restores_onto_a_different_mesh_with_the_data_position(tmp_pa
 
   from agriclip_jax.train.checkpoint import Checkpointer, abstract_with_shardings
   from agriclip_jax.train.sharding import make_mesh, state_shardings
-  from agriclip_jax.train.toy_data import make_toy_dataset
+  from agriclip_jax.testing.toy_data import make_toy_dataset
 
   def toy_iterator():
     return iter(make_toy_dataset("contrastive", global_batch_size=4, seed=0, n_records=32,

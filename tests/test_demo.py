@@ -210,6 +210,70 @@ def test_the_reference_pth_layouts_come_from_the_command_the_demo_names(quick_ru
       assert torch.equal(pth[key], value), (name, key)
 
 
+def _losses(workdir: Path) -> dict[int, dict[str, float]]:
+  """metrics.jsonl's losses by step (the timings differ from run to run; the losses may not)."""
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: {k: v for k, v in r.items() if k.endswith("loss")} for r in records}
+
+
+def _start_demo(workdir: Path) -> subprocess.Popen:
+  path = os.pathsep.join(p for p in (str(WITHOUT_TORCH), str(REPO_ROOT),
+                                     os.environ.get("PYTHONPATH", "")) if p)
+  return subprocess.Popen([sys.executable, "-m", "agriclip_jax", "demo", "--quick", "--workdir",
+                           str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=dict(os.environ, PYTHONPATH=path))
+
+
+def _wait_for_checkpoint(process: subprocess.Popen, workdir: Path, above: int = 0) -> int:
+  """The first committed checkpoint step above `above` (Orbax renames a finished save)."""
+  import time
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()] if (
+        workdir / "checkpoints").is_dir() else []
+    if any(s > above for s in steps):
+      return max(steps)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    time.sleep(0.1)
+  process.kill()
+  raise AssertionError(f"no checkpoint above step {above} in {workdir} within 600 s")
+
+
+def test_demo_stopped_mid_training_resumes_and_ends_as_an_uninterrupted_run(quick_run, tmp_path):
+  """Ctrl-C, then kill -9, then the same command again: the losses of every logged step and
+  results.json equal the uninterrupted quick demo's (the `quick_run` fixture)."""
+  import signal
+  reference, reference_document, _ = quick_run
+  workdir = tmp_path / "run"
+  total = json.loads((reference / "config.json").read_text())["total_steps"]
+
+  # Ctrl-C: the loop saves at the end of the step and the demo stops with the shell's 130.
+  process = _start_demo(workdir)
+  _wait_for_checkpoint(process, workdir)
+  process.send_signal(signal.SIGINT)
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 130, err[-3000:]
+  stopped_at = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert 0 < stopped_at < total
+  assert (f"agriclip demo: stopped by SIGINT during training, after saving a checkpoint in "
+          f"{workdir / 'checkpoints'}; run the same command again to resume") in err
+  assert not (workdir / "results.json").exists()
+
+  # kill -9 after the next checkpoint: nothing runs on the way out.
+  process = _start_demo(workdir)
+  killed_after = _wait_for_checkpoint(process, workdir, above=stopped_at)
+  process.kill()
+  process.communicate(timeout=60)
+  assert killed_after < total
+
+  resumed = agriclip_without_torch("demo", "--quick", "--workdir", str(workdir))
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f"resumed from {workdir / 'checkpoints'} at step " in resumed.stdout
+  assert "the one the checkpoints" in resumed.stdout  # the tokenizer they were trained with
+  assert _losses(workdir) == _losses(reference)
+  assert json.loads((workdir / "results.json").read_text()) == reference_document
+
+
 # ------------------------------------------------------------------------------------------------
 # Pieces without training
 # ------------------------------------------------------------------------------------------------
@@ -227,30 +291,6 @@ def test_results_document_averages_tasks_and_keeps_chance():
   assert document["mean"] == pytest.approx({"clip": 0.75, "agriclip": 0.625, "ensemble": 0.375,
                                             "chance": 0.375})
   assert document["tasks"]["a"]["accuracy"] == {"clip": 0.5, "agriclip": 0.75, "ensemble": 0.25}
-
-
-def test_synthetic_metadata_becomes_grammatical_alive_captions():
-  from agriclip_jax import prompts, synthetic
-  entries = {d.name: d for d in synthetic.pretraining_datasets()}
-  raw = {"name": "trout_variety", "domain": "fish", "task": "variety", "classes": [
-      {"name": c.name, "readable": c.readable, "attributes": list(c.attributes),
-       "subject": c.subject.name, "conditions": [x.name for x in c.conditions]}
-      for c in entries["trout_variety"].classes]}
-  meta = demo.synthetic_caption_metadata(raw)
-  for cls in meta.classes:
-    assert cls.readable.startswith("trout with ")
-    for caption in prompts.template_variants(meta, cls, 4, 0, "key"):
-      assert cls.readable in caption
-  leaf = entries["bean_leaf_disease"]
-  raw = {"name": leaf.name, "domain": "crop", "task": "disease", "classes": [
-      {"name": c.name, "readable": c.readable, "attributes": list(c.attributes),
-       "subject": c.subject.name, "conditions": [x.name for x in c.conditions]}
-      for c in leaf.classes]}
-  meta = demo.synthetic_caption_metadata(raw)
-  assert meta.subject == "bean leaf"
-  healthy = [c for c in meta.classes if c.healthy]
-  assert len(healthy) == 1 and prompts.base_caption(meta, healthy[0]).startswith(
-      "a photo of a healthy bean leaf")
 
 
 def _tiny_folder(root: Path, classes: dict[str, int]) -> Path:
@@ -313,8 +353,8 @@ def test_bad_inputs_are_named(tmp_path):
   with pytest.raises(KeyError, match="train.nope"):
     apply_override(config, "train.nope", "3")
   apply_override(config, "train.total_steps", "7")
-  apply_override(config, "augment.jitter", "[0.1, 0.1, 0.1, 0.0]")
-  assert config.train.total_steps == 7 and config.augment.jitter == (0.1, 0.1, 0.1, 0.0)
+  apply_override(config, "train.data.jitter", "[0.1, 0.1, 0.1, 0.0]")
+  assert config.train.total_steps == 7 and config.train.data.jitter == (0.1, 0.1, 0.1, 0.0)
   with pytest.raises(ValueError, match="configs/demo.py:nope"):
     demo.load_config(demo.DEFAULT_CONFIG, "nope")
 

@@ -17,7 +17,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from input_pipeline import bad_corpus, device_augment as da, host_decode as hd, transforms
+from agriclip_jax.testing import bad_corpus
+from input_pipeline import device_augment as da, host_decode as hd, transforms
 
 GLOBAL, LOCAL, CLIP = 64, 32, 64
 MULTICROP = transforms.MultiCropConfig(global_size=GLOBAL, local_size=LOCAL, num_local=4)
@@ -370,6 +371,37 @@ def test_grain_batches_become_the_steps_arrays_on_the_mesh(photos):
   assert batch["global_crops"].sharding.is_equivalent_to(sharding.batch_sharding(mesh), 5)
   config.data.augment_on = "host"
   assert da.make_batch_augment(config, mesh)(host_batch) is host_batch
+
+
+@pytest.mark.parametrize("placement", ["host", "device"])
+def test_the_run_configs_augmentation_keys_reach_both_placements(placement, tmp_path):
+  """config.data's colour keys, read once by transforms.train_views, decide the crops of either
+  placement: grayscale_p=1 gives grey crops (equal channels once un-normalised), 0 colour ones."""
+  import json
+
+  from agriclip_jax.train import config as config_lib, loop, sharding
+  repo = Path(__file__).resolve().parents[1]
+  photos = sorted((repo / "tests" / "data" / "corn").rglob("*.jpg"))[:8]
+  manifest = tmp_path / "corn.jsonl"
+  manifest.write_text("".join(json.dumps({"image": str(p), "captions": ["a leaf"]}) + "\n"
+                              for p in photos))
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  mean, std = transforms.NORMALISATIONS["imagenet"]
+  spread = {}
+  for grayscale_p in (1.0, 0.0):
+    config = config_lib.default_config()
+    config.kind, config.batch_size = "dino", 8
+    config.data.update(dict(source=str(manifest), global_crop_size=GLOBAL, local_crop_size=LOCAL,
+                            n_local_crops=2, augment_on=placement, jitter_p=0.0, solarize_p=0.0,
+                            blur_p=(0.0, 0.0, 0.0), grayscale_p=grayscale_p))
+    dataset, _ = loop.make_dataset(config, 0, 1)
+    batch = da.make_batch_augment(config, mesh)(sharding.to_global_batch(next(iter(dataset)), mesh))
+    for key in ("global_crops", "local_crops"):
+      pixels = np.asarray(batch[key]) * np.asarray(std) + np.asarray(mean)
+      spread[grayscale_p, key] = float(np.abs(pixels - pixels.mean(-1, keepdims=True)).max())
+  for key in ("global_crops", "local_crops"):
+    assert spread[1.0, key] < 1e-5, spread
+    assert spread[0.0, key] > 0.05, spread
 
 
 def test_make_train_dataset_names_a_bad_augment_on():

@@ -26,7 +26,7 @@ from agriclip_jax.train import config as config_lib
 from agriclip_jax.train import loop
 from agriclip_jax.train import state as state_lib
 from agriclip_jax.train import steps as steps_lib
-from agriclip_jax.train import toy_data
+from agriclip_jax.testing import toy_data
 from agriclip_jax.train.sharding import make_mesh
 from test_resnet import TorchResNet, nchw
 

@@ -379,7 +379,7 @@ def _parse_inspect_text(text: str) -> dict:
 
 def test_data_inspect_text_summary_equals_its_json(shared_corn_dir, tmp_path_factory, capsys):
   from agriclip_jax import cli
-  from input_pipeline import bad_corpus
+  from agriclip_jax.testing import bad_corpus
   root = tmp_path_factory.mktemp("bad_corpus_inspect")
   good = sorted((shared_corn_dir / "lab" / "Blight").glob("*.jpg"))[:3]
   expected = bad_corpus.make_bad_corpus(root, good)

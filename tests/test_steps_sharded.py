@@ -14,7 +14,7 @@ from agriclip_jax.train import config as config_lib
 from agriclip_jax.train import state as state_lib
 from agriclip_jax.train import steps as steps_lib
 from agriclip_jax.train.sharding import make_mesh
-from agriclip_jax.train.toy_data import make_toy_dataset
+from agriclip_jax.testing.toy_data import make_toy_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import tiny  # noqa: E402

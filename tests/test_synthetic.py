@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agriclip_jax import synthetic as syn
+from agriclip_jax.testing import synthetic as syn
 
 # Subtle conditions next to the condition that differs from them only by the subtle detail.
 SUBTLE_PAIRS = [
@@ -234,3 +234,27 @@ def test_writers_refuse_a_non_empty_directory_and_loader_names_missing_folders(t
   (specs[0].path / specs[0].class_folders[0]).rmdir()
   with pytest.raises(ValueError, match=f"{specs[0].name}.*{specs[0].class_folders[0]}"):
     syn.load_tasks(root)
+
+
+def test_synthetic_metadata_becomes_grammatical_alive_captions():
+  from agriclip_jax import prompts
+  entries = {d.name: d for d in syn.pretraining_datasets()}
+  raw = {"name": "trout_variety", "domain": "fish", "task": "variety", "classes": [
+      {"name": c.name, "readable": c.readable, "attributes": list(c.attributes),
+       "subject": c.subject.name, "conditions": [x.name for x in c.conditions]}
+      for c in entries["trout_variety"].classes]}
+  meta = syn.caption_metadata(raw)
+  for cls in meta.classes:
+    assert cls.readable.startswith("trout with ")
+    for caption in prompts.template_variants(meta, cls, 4, 0, "key"):
+      assert cls.readable in caption
+  leaf = entries["bean_leaf_disease"]
+  raw = {"name": leaf.name, "domain": "crop", "task": "disease", "classes": [
+      {"name": c.name, "readable": c.readable, "attributes": list(c.attributes),
+       "subject": c.subject.name, "conditions": [x.name for x in c.conditions]}
+      for c in leaf.classes]}
+  meta = syn.caption_metadata(raw)
+  assert meta.subject == "bean leaf"
+  healthy = [c for c in meta.classes if c.healthy]
+  assert len(healthy) == 1 and prompts.base_caption(meta, healthy[0]).startswith(
+      "a photo of a healthy bean leaf")

@@ -16,7 +16,7 @@ from agriclip_jax.models.clip import CLIP
 from agriclip_jax.models.configs import CLIPConfig
 from agriclip_jax.train.loop import train
 from agriclip_jax.train.metrics_writer import read_metrics
-from agriclip_jax.train.toy_data import N_CAPTIONS, ToyRecords, caption_tokens
+from agriclip_jax.testing.toy_data import N_CAPTIONS, ToyRecords, caption_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/tiny.py")

@@ -451,6 +451,20 @@ def test_bad_configs_are_one_line_and_create_no_workdir(case, tmp_path, capsys):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("data.jitter_p=1.5", "config.data.jitter_p=1.5 must be a probability in [0, 1]"),
+    ("data.blur_p=[1.0, 0.1]", "config.data.blur_p=(1.0, 0.1) needs 3 probabilities"),
+    ("data.clip_crop_scale=[0.5, 0.2]",
+     "config.data.clip_crop_scale=(0.5, 0.2) must be (low, high) with 0 < low <= high <= 1")])
+def test_bad_augmentation_keys_are_named_before_anything_runs(override, expected, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  code, _, err = _main(["train", "--config", f"{TINY}:joint", "--workdir", str(workdir),
+                        f"--config.{override}"], capsys)
+  assert code == 2
+  assert _one_error_line(err).startswith(f"agriclip train: error: {expected}"), err
+  assert not workdir.exists()
+
+
 def test_resuming_a_workdir_of_another_kind_is_refused_and_changes_nothing(finished, tmp_path,
                                                                           capsys):
   workdir = _copy(finished, tmp_path)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from input_pipeline import bad_corpus, transforms
+from agriclip_jax.testing import bad_corpus
+from input_pipeline import transforms
 from input_pipeline.transforms import BadRecord, MultiCropConfig
 
 

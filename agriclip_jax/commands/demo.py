@@ -6,7 +6,8 @@
     [--config configs/demo.py[:default|quick|real|real_quick]] [--config.KEY=VALUE ...]
 
 Writes W/report.md (+ PNGs), W/results.json, W/timings.json, W/models/ (model directories) and
-W/export/ (PyTorch files).
+W/export/ (PyTorch files). Training is `agriclip train`'s loop in W (W/checkpoints,
+W/metrics.jsonl, W/tensorboard): a demo stopped mid-training resumes when run again.
 """
 
 from __future__ import annotations
@@ -59,5 +60,19 @@ def run(args: argparse.Namespace) -> int:
     apply_override(config, key, text)
   options = demo.DemoOptions(args.workdir, args.data, args.metadata, tuple(args.evals),
                              args.holdout, export=not args.no_export)
-  demo.run_demo(options, config)
+  import signal
+  import sys
+  try:
+    demo.run_demo(options, config)
+  except demo.TrainingStopped as stopped:
+    # The pipeline did not finish: the shell's status for the signal (130 Ctrl-C, 143 SIGTERM),
+    # so that `./run.sh && ...` does not go on.
+    print(f"agriclip demo: {stopped}", file=sys.stderr, flush=True)
+    member = signal.Signals.__members__.get(stopped.signal_name, signal.SIGTERM)
+    return 128 + member.value
+  except KeyboardInterrupt:
+    print(f"agriclip demo: interrupted: stopped at once by a second Ctrl-C; the same command "
+          f"resumes from the newest complete checkpoint in {args.workdir / 'checkpoints'}",
+          file=sys.stderr, flush=True)
+    return 130
   return 0

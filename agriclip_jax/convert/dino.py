@@ -588,6 +588,13 @@ def read_dino_vit(src: Path, options: Mapping[str, Any]) -> ConvertedModel:
 
 
 def write_dino_vit(model: ConvertedModel, dst: Path, options: Mapping[str, Any]) -> None:
+  """DINO's ViT state dict; from a "vit" model or the backbone of a "dino" one (what `agriclip
+  train` exports as W/models/dino)."""
+  if model.model_type == "dino":
+    model = dino_backbone(model)
+    if model.model_type != "vit":
+      raise ValueError(f"format 'dino-vit' writes ViT backbones; this DINO model has a "
+                       f"{model.model_type!r} backbone (use dino-rn50)")
   _require_type(model, ("vit",), "dino-vit")
   save_torch_file(vit_to_dino_state(model, str(dst)), dst)
 

@@ -102,6 +102,13 @@ def default_config() -> ml_collections.ConfigDict:
       # RandomResizedCrop area fractions: DINO's ViT recipe; the ResNet recipe uses (0.14, 1) and
       # (0.05, 0.14).
       global_crop_scale=(0.4, 1.0), local_crop_scale=(0.05, 0.4), num_workers=0,
+      # The CLIP view's RandomResizedCrop area fraction (open_clip's training view).
+      clip_crop_scale=(0.9, 1.0),
+      # DINO multi-crop colour: DataAugmentationDINO's probabilities. jitter: (brightness,
+      # contrast, saturation, hue); blur_p: (first global crop, second global crop, local crops);
+      # solarize_p: the second global crop.
+      flip_p=0.5, jitter_p=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale_p=0.2,
+      blur_p=(1.0, 0.1, 0.5), solarize_p=0.2,
       # where the augmentation is rendered: auto (the device on GPU / TPU, PIL on the host on CPU),
       # device (input_pipeline/device_augment.py, inside jit) or host (the PIL reference)
       augment_on="auto", tokenizer=ml_collections.config_dict.
@@ -197,6 +204,22 @@ def validate_config(config: Any, n_devices: int, process_count: int = 1) -> None
                            f"size {patch} of dino.variant={config.dino.variant!r}")
     if config.data.n_local_crops < 0:
       raise ValueError(f"config.data.n_local_crops={config.data.n_local_crops} must be >= 0")
+    probabilities = {key: config.data[key] for key in ("flip_p", "jitter_p", "grayscale_p",
+                                                       "solarize_p")}
+    probabilities.update({f"blur_p[{i}]": p for i, p in enumerate(config.data.blur_p)})
+    for key, value in probabilities.items():
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"config.data.{key}={value!r} must be a probability in [0, 1]")
+    if len(tuple(config.data.blur_p)) != 3 or len(tuple(config.data.jitter)) != 4:
+      raise ValueError(f"config.data.blur_p={tuple(config.data.blur_p)} needs 3 probabilities "
+                       f"(global 1, global 2, local) and config.data.jitter="
+                       f"{tuple(config.data.jitter)} 4 strengths (brightness, contrast, "
+                       f"saturation, hue)")
+  if uses_clip:
+    scale = tuple(config.data.clip_crop_scale)
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+      raise ValueError(f"config.data.clip_crop_scale={scale} must be (low, high) with "
+                       f"0 < low <= high <= 1")
   from agriclip_jax.train.evals import validate_evals
   validate_evals(config.get("evals", ()), config.kind,
                  config.data.get("tokenizer") or config.clip.get("init_from"))

@@ -42,7 +42,7 @@ def make_dataset(config: Any, process_index: int, process_count: int) -> tuple[A
   """(Grain IterDataset of per-process batches, steps per epoch)."""
   d = config.data
   if d.source == "toy":
-    from agriclip_jax.train.toy_data import make_toy_dataset
+    from agriclip_jax.testing.toy_data import make_toy_dataset
     dataset = make_toy_dataset(config.kind, global_batch_size=config.batch_size, seed=config.seed,
                                n_records=d.toy_records, image_size=d.image_size,
                                global_crop_size=d.global_crop_size,
@@ -66,14 +66,12 @@ def make_dataset(config: Any, process_index: int, process_count: int) -> tuple[A
     check_tokenizer_fits(tokenizer.vocab_size, tokenizer_path, config)
     length = d.context_length
     tokenize = lambda texts: tokenizer.encode(list(texts), context_length=length)
-  multicrop = transforms.MultiCropConfig(global_size=d.global_crop_size,
-                                         local_size=d.local_crop_size, num_local=d.n_local_crops,
-                                         global_scale=tuple(d.global_crop_scale),
-                                         local_scale=tuple(d.local_crop_scale))
+  clip_view, multicrop = transforms.train_views(d)
   dataset = pipeline.make_train_dataset(
       opened if len(opened) > 1 else opened[0], kind=config.kind,
       global_batch_size=config.batch_size, seed=config.seed, tokenize=tokenize,
-      image_size=d.image_size, multicrop=multicrop, weights=d.get("weights"),
+      image_size=clip_view.size, clip_scale=clip_view.scale, multicrop=multicrop,
+      weights=d.get("weights"),
       num_workers=d.num_workers, process_index=process_index, process_count=process_count,
       augment_on=device_augment.resolve_augment_on(d.get("augment_on", "auto"), d.source,
                                                    jax.default_backend()))

@@ -1221,3 +1221,41 @@ def render_grid(specs: Sequence[SampleSpec], size: int, seed: int, columns: int 
     grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = render(
         spec, size, np.random.default_rng([seed, i]))
   return grid
+
+
+# ----------------------------------------------------------------------------------------------
+# ALive captions from the metadata
+# ----------------------------------------------------------------------------------------------
+
+_DOMAIN_SUBJECT = {"crop": "plant", "fish": "fish", "livestock": "animal"}
+
+
+def caption_metadata(entry: dict):
+  """One ALive-synth dataset (its metadata.json entry) as `prompts.DatasetMetadata`, what the
+  demo writes its ALive captions from.
+
+  Leaf disease sets keep prompts' disease phrasing ("a maize leaf with rust"); every other set
+  (fish varieties, breeds, species) is phrased as species names over the whole class description
+  ("a trout with thin vertical bars", "a holstein cattle"), which keeps each caption grammatical.
+  """
+  from agriclip_jax import prompts
+  domain = entry["domain"]
+  classes = []
+  if entry["task"] == "disease":
+    subject_name = subject(domain, entry["classes"][0]["subject"]).readable
+    for cls in entry["classes"]:
+      healthy = cls["conditions"] == ["healthy"]
+      classes.append({"name": cls["name"], "readable": "healthy" if healthy else cls["readable"],
+                      "attributes": cls["attributes"], "healthy": healthy})
+    task = "disease"
+  else:
+    subject_name = _DOMAIN_SUBJECT[domain]
+    for cls in entry["classes"]:
+      readable = cls["readable"]
+      if entry["task"] == "variety":  # class "red fins" of the trout set -> "trout with red fins"
+        readable = f"{subject(domain, cls['subject']).readable} with {readable}"
+      classes.append({"name": cls["name"], "readable": readable, "attributes": cls["attributes"]})
+    task = "species"
+  return prompts.parse_metadata({"name": entry["name"], "domain": domain, "task": task,
+                                 "subject": subject_name, "classes": classes},
+                                f"ALive-synth dataset {entry['name']!r}")
