@@ -70,8 +70,20 @@ if [[ -z "$TINY" ]]; then
   fi
 fi
 
-# 2. Missing requirements only (a GPU image usually has its own jax, flax, optax, numpy).
-for package in flax optax numpy ml_collections; do
+# 2. Missing requirements only (a GPU image usually has its own jax, flax, optax, numpy). Wheels
+#    carried in .whl/ (benchmarks/gpu_wheels.sh makes them) go, without their dependencies, into a
+#    folder of their own on PYTHONPATH, leaving the image's packages as they are.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  site=$(mktemp -d)
+  echo "# installing $(ls .whl/*.whl | wc -l) carried wheels of .whl/ into $site"
+  if ! "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+      --target "$site" .whl/*.whl; then
+    echo "gpu.sh: could not install the wheels of .whl/" >&2
+    exit 1
+  fi
+  export PYTHONPATH="$PYTHONPATH:$site"
+fi
+for package in flax optax numpy ml_collections grain; do
   if ! "$PY" -c "import $package" 2>/dev/null; then
     pin=$(requirement_pin "$package")
     echo "# installing missing ${pin:-$package}"
