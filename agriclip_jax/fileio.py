@@ -136,6 +136,19 @@ def local_input(path: str | os.PathLike) -> Path:
   return local
 
 
+def display_name(local: str | os.PathLike) -> str:
+  """How to name a file to the user: a file inside a `local_input` copy as the URL it came from
+  (gs://bucket/photos/a.jpg, not /tmp/agriclip-mirror-.../photos/a.jpg); any other path as it is."""
+  text = str(local)
+  for key, root in _MIRRORS.items():
+    root_text = str(root)
+    if text == root_text:
+      return key
+    if text.startswith(root_text + os.sep):
+      return key + "/" + text[len(root_text) + 1:].replace(os.sep, "/")
+  return text
+
+
 def input_path(text: str) -> Path:
   """argparse `type=` for an input flag (--model, --dino, ...): `local_input` of the value."""
   return local_input(text)

@@ -1,7 +1,8 @@
 """Pack any source into another storage: ArrayRecord, JSONL, CSV, webdataset tar shards.
 
 Every writer writes to a temporary name and renames at the end, so an interrupted write never
-leaves a half-written file under the final name. Records a storage cannot hold (no image bytes,
+leaves a half-written file under the final name; on a URL (gs://...) each file is written locally
+and uploaded as one object (agriclip_jax.fileio.atomic_file). Records a storage cannot hold (no image bytes,
 because the source marked them bad) are not written but counted by reason in the returned summary;
 ArrayRecord keeps them, error and all, so the reader reports them again.
 """
@@ -19,7 +20,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from agriclip_jax.fileio import atomic_file
+from agriclip_jax.fileio import atomic_file, is_url, resolve_path
 from input_pipeline.sources import Record, serialize_record
 
 WriteSummary = dict[str, Any]  # {"written": int, "skipped": {reason: count}, "paths": [str]}
@@ -52,7 +53,7 @@ def image_extension(data: bytes, fallback: str = "jpg") -> str:
 def write_array_record(source: Any, path: str | Path) -> WriteSummary:
   """One serialized record per entry (see sources.serialize_record), bad ones included."""
   from array_record.python.array_record_module import ArrayRecordWriter
-  path = Path(path)
+  path = resolve_path(path)
   written = 0
 
   def write(temporary: Path) -> None:
@@ -70,7 +71,11 @@ def write_array_record(source: Any, path: str | Path) -> WriteSummary:
   return _summary(written, collections.Counter(), [path])
 
 
-def _relative_or_absolute(image_path: str, manifest_dir: Path) -> str:
+def _relative_or_absolute(image_path: str, manifest_dir: Any) -> str:
+  """The image as a manifest names it: relative to a local manifest's folder; absolute in a
+  manifest on a URL, which can only point at local images by their full path."""
+  if is_url(manifest_dir):
+    return os.path.abspath(image_path)
   try:
     return os.path.relpath(image_path, manifest_dir)
   except ValueError:  # another drive on Windows
@@ -79,7 +84,7 @@ def _relative_or_absolute(image_path: str, manifest_dir: Path) -> str:
 
 def write_jsonl(source: Any, path: str | Path) -> WriteSummary:
   """{"image", "captions", "label", "key"} per line; image paths relative to the manifest."""
-  path = Path(path)
+  path = resolve_path(path)
   written, skipped = 0, collections.Counter()
 
   def write(temporary: Path) -> None:
@@ -100,7 +105,7 @@ def write_jsonl(source: Any, path: str | Path) -> WriteSummary:
 
 def write_csv(source: Any, path: str | Path, separator: str = ",") -> WriteSummary:
   """open_clip columns `filepath`, `title` (the first caption), plus `label` and `key`."""
-  path = Path(path)
+  path = resolve_path(path)
   written, skipped = 0, collections.Counter()
 
   def write(temporary: Path) -> None:
@@ -154,7 +159,7 @@ def write_tar_shards(source: Any, out_dir: str | Path, records_per_shard: int = 
   key.json ({"captions": [...]}) and key.cls (label, when known)."""
   if records_per_shard < 1:
     raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-  out_dir = Path(out_dir)
+  out_dir = resolve_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   written, skipped, shard_paths = 0, collections.Counter(), []
 

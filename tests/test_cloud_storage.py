@@ -228,12 +228,16 @@ def test_train_kill_resume_export_embed_and_zeroshot_on_gs(emulator, tmp_path):
     manifest = json.loads(emulator.download(f"run/checkpoints/{step}/agriclip_manifest.json"))
     assert manifest["step"] == int(step) and manifest["files"]
 
-  # embed and zeroshot read the model from gs:// and write to gs://; embeddings equal the local's.
+  # embed and zeroshot read the model (and embed the photos) from gs:// and write to gs://;
+  # embeddings equal the local's, and the photos are named by their gs:// paths.
   texts = tmp_path / "texts.txt"
   texts.write_text("a photo of a corn leaf with blight\na healthy corn leaf\n")
   images = CORN / "lab"
+  photos = sorted(images.rglob("*.jpg"))
+  for photo in photos:
+    emulator.upload(f"photos/{photo.relative_to(images).as_posix()}", photo.read_bytes())
   embed_remote = _agriclip(emulator, "embed", "--model", f"gs://{BUCKET}/run/models/clip",
-                           "--images", str(images), "--texts", str(texts),
+                           "--images", f"gs://{BUCKET}/photos", "--texts", str(texts),
                            "--out", f"gs://{BUCKET}/out/embeddings.npz")
   embed_local = _agriclip(emulator, "embed", "--model", str(local / "models/clip"),
                           "--images", str(images), "--texts", str(texts),
@@ -245,6 +249,13 @@ def test_train_kill_resume_export_embed_and_zeroshot_on_gs(emulator, tmp_path):
   assert remote_npz["image_embeddings"].shape[0] == len(list(images.rglob("*.jpg")))
   for key in ("image_embeddings", "text_embeddings"):
     np.testing.assert_array_equal(remote_npz[key], local_npz[key], err_msg=key)
+  assert list(remote_npz["image_paths"]) == [
+      f"gs://{BUCKET}/photos/{p.relative_to(images).as_posix()}" for p in photos]
+  out = _finish(_agriclip(emulator, "predict", f"gs://{BUCKET}/photos", "--model",
+                          f"gs://{BUCKET}/run/models/clip", "--labels", "blight,healthy",
+                          "--json", "--top-k", "1"))
+  predicted = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  assert [p["image"] for p in predicted] == list(remote_npz["image_paths"])
 
   _finish(_agriclip(emulator, "zeroshot", "--model", f"gs://{BUCKET}/run/models/clip",
                     "--data", str(images), "--template", "a photo of a corn leaf with {}.",
@@ -273,12 +284,32 @@ def test_train_kill_resume_export_embed_and_zeroshot_on_gs(emulator, tmp_path):
 
 
 def test_a_data_source_on_gs_reads_the_same_records_as_its_local_file(emulator, tmp_path):
-  """`open_source` on a gs:// ArrayRecord file (through its local copy), via `agriclip data
-  inspect`: the same records, labels and skips as the local file."""
+  """The writers write ArrayRecord files, tar shards and manifests to gs:// (each file one upload)
+  as they write them locally; `open_source` on the gs:// ArrayRecord file (through its local
+  copy), via `agriclip data inspect`, gives the same records, labels and skips as the local one."""
   from input_pipeline import sources, writers
   local = tmp_path / "corn.array_record"
   writers.write_array_record(sources.open_source(CORN / "lab"), local)
-  emulator.upload("data/corn.array_record", local.read_bytes())
+  writers.write_tar_shards(sources.open_source(CORN / "lab"), tmp_path / "shards",
+                           records_per_shard=4)
+  script = (f"from input_pipeline import sources, writers\n"
+            f"source = sources.open_source({str(CORN / 'lab')!r})\n"
+            f"writers.write_array_record(source, 'gs://{BUCKET}/data/corn.array_record')\n"
+            f"writers.write_tar_shards(source, 'gs://{BUCKET}/data/shards', records_per_shard=4)\n"
+            f"writers.write_jsonl(source, 'gs://{BUCKET}/data/corn.jsonl')\n")
+  done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(emulator),
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert emulator.download("data/corn.array_record") == local.read_bytes()
+  shards = sorted(p.name for p in (tmp_path / "shards").iterdir())
+  assert len(shards) > 1
+  assert sorted(n for n in emulator.names("data/shards/")) == [f"data/shards/{n}" for n in shards]
+  for name in shards:
+    assert emulator.download(f"data/shards/{name}") == (tmp_path / "shards" / name).read_bytes()
+  # A manifest on a bucket names its local images by their absolute paths.
+  lines = [json.loads(line) for line in emulator.download("data/corn.jsonl").decode().splitlines()]
+  assert lines and all(Path(line["image"]).is_absolute() and Path(line["image"]).is_file()
+                       for line in lines)
   reports = []
   for spec in (str(local), f"gs://{BUCKET}/data/corn.array_record"):
     out = _finish(_agriclip(emulator, "data", "inspect", spec, "--json", "--no-captions",

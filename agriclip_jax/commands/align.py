@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agriclip_jax import fileio
+
 
 def _ridge(text: str) -> float | str:
   if text == "auto":
@@ -35,12 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   features.add_argument("--dino-features", type=Path, help=".npy [N, dino_dim]")
   features.add_argument("--clip-features", type=Path, help=".npy [N, clip_dim], same rows")
   models = parser.add_argument_group("models + data")
-  models.add_argument("--dino", type=Path, help="DINO backbone: model directory or .pth")
+  models.add_argument("--dino", type=fileio.input_path, help="DINO backbone: model directory or .pth")
   models.add_argument("--dino-pooling", default=None,
                       help="DINO ViT features: 'cls' (the reference's), 'cls+avgpool' or 'lastN' "
                            "(DINO's linear-evaluation choices); default: the one the DINO model "
                            "records. The aligner file records it for zero-shot")
-  models.add_argument("--model", type=Path, help="CLIP model directory")
+  models.add_argument("--model", type=fileio.input_path, help="CLIP model directory")
   models.add_argument("--data", help="data source: ImageFolder, manifest, shards, tfds:NAME[:SPLIT]")
   models.add_argument("--reserve-eval", type=float, default=0.0, metavar="FRACTION",
                       help="leave out the items that `agriclip zeroshot --eval-fraction FRACTION` "

@@ -39,21 +39,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def list_images(spec: str | Path) -> list[Path]:
-  """Sorted image paths from a folder (recursive, by suffix) or a list file; errors name the path."""
-  spec = Path(spec)
+  """Sorted image paths from a folder (recursive, by suffix) or a list file; errors name the path.
+  A folder or list file on a URL (gs://...) is read through its local copy (`fileio.local_input`);
+  so are a URL list file's relative entries and any URL entry. `fileio.display_name` gives a
+  path's name as the user gave it."""
+  from agriclip_jax import fileio
+  given = str(spec)
+  if fileio.is_url(given) and not fileio.resolve_path(given).exists():
+    raise FileNotFoundError(f"--images {given}: no such folder or list file")
+  spec = fileio.local_input(given)
   if spec.is_dir():
     from input_pipeline.sources import list_image_files
     return list_image_files(spec)
   if not spec.is_file():
-    raise FileNotFoundError(f"--images {spec}: no such folder or list file")
+    raise FileNotFoundError(f"--images {given}: no such folder or list file")
+  base = given.rsplit("/", 1)[0] if fileio.is_url(given) else None
   paths = []
   for number, line in enumerate(spec.read_text(encoding="utf-8").splitlines(), start=1):
     if not line.strip():
       continue
-    path = Path(line.strip())
+    entry = line.strip()
+    if fileio.is_url(entry) or (base is not None and not Path(entry).is_absolute()):
+      url = entry if fileio.is_url(entry) else f"{base}/{entry}"
+      if not fileio.resolve_path(url).is_file():
+        raise FileNotFoundError(f"{given}:{number}: image {url} not found")
+      paths.append(fileio.local_input(url))
+      continue
+    path = Path(entry)
     path = path if path.is_absolute() else spec.parent / path
     if not path.is_file():
-      raise FileNotFoundError(f"{spec}:{number}: image {path} not found")
+      raise FileNotFoundError(f"{given}:{number}: image {path} not found")
     paths.append(path)
   if not paths:
     raise ValueError(f"{spec}: the list holds no image paths")
@@ -90,7 +105,8 @@ def embed(model_dir: str | Path, images: str | Path, texts_file: str | Path | No
   texts = read_texts(texts_file) if texts_file is not None else None
   space = "clip" if model.clip is not None else "dino"
   image_features = model.image_features(paths, space)
-  result = {"image_paths": np.array([str(p) for p in paths]), "image_features": image_features,
+  from agriclip_jax.fileio import display_name
+  result = {"image_paths": np.array([display_name(p) for p in paths]), "image_features": image_features,
             "image_embeddings": l2_normalize(image_features)}
   if model.clip is not None:
     result["logit_scale"] = np.float32(model.clip.logit_scale)

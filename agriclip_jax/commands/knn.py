@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from agriclip_jax import fileio
+
 FEATURE_KINDS = ("clip", "dino", "agriclip", "concat")
 
 
@@ -35,9 +37,11 @@ FEATURE_KINDS = ("clip", "dino", "agriclip", "concat")
 # ----------------------------------------------------------------------------------------------
 
 def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", type=Path, help="CLIP model directory (for clip, agriclip, concat)")
-  parser.add_argument("--dino", type=Path, help="DINO backbone: model directory or .pth")
-  parser.add_argument("--aligner", type=Path, help="aligner: .pth | .safetensors | .npz | model dir")
+  parser.add_argument("--model", type=fileio.input_path,
+                      help="CLIP model directory (for clip, agriclip, concat)")
+  parser.add_argument("--dino", type=fileio.input_path, help="DINO backbone: model directory or .pth")
+  parser.add_argument("--aligner", type=fileio.input_path,
+                      help="aligner: .pth | .safetensors | .npz | model dir")
   parser.add_argument("--dino-pooling", default=None,
                       help="DINO ViT features: 'cls', 'cls+avgpool' or 'lastN' (default: the one "
                            "the DINO model records)")

@@ -16,16 +16,18 @@ import argparse
 import json
 from pathlib import Path
 
-from agriclip_jax import zeroshot
+from agriclip_jax import fileio, zeroshot
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-  parser.add_argument("--model", required=True,
+  parser.add_argument("--model", required=True, type=fileio.input_path,
                       help="a CLIP in any format `agriclip convert` reads (our model directory, an HF "
                            "directory, an open_clip / OpenAI file)")
-  parser.add_argument("--dino", help="DINO backbone (model directory or .pth), with --aligner")
-  parser.add_argument("--aligner", help="aligner file (.safetensors / .pth / .npz) or directory")
+  parser.add_argument("--dino", type=fileio.input_path,
+                      help="DINO backbone (model directory or .pth), with --aligner")
+  parser.add_argument("--aligner", type=fileio.input_path,
+                      help="aligner file (.safetensors / .pth / .npz) or directory")
   parser.add_argument("--dino-pooling", default=None, help="as for `agriclip zeroshot`")
   labels = parser.add_mutually_exclusive_group(required=True)
   labels.add_argument("--labels", help="comma-separated labels, e.g. 'rust,blight,healthy'")
@@ -68,11 +70,14 @@ def read_labels(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
 
 
 def image_paths(specs: list[str]) -> list[Path]:
-  """Files as given, folders searched recursively for images (`commands.embed.list_images`)."""
+  """Files as given, folders searched recursively for images (`commands.embed.list_images`);
+  a file or folder on a URL (gs://...) through its local copy (`fileio.local_input`)."""
   from agriclip_jax.commands.embed import list_images
   paths: list[Path] = []
   for spec in specs:
-    path = Path(spec)
+    if fileio.is_url(spec) and not fileio.resolve_path(spec).exists():
+      raise FileNotFoundError(f"image or folder not found: {spec}")
+    path = fileio.local_input(spec)
     if path.is_dir():
       paths.extend(list_images(path))
     elif path.is_file():
@@ -93,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
                    dino_pooling=args.dino_pooling, batch_size=args.batch_size,
                    **clip_load_options(args))
   predictions = model.classify(paths, labels, templates, args.method, args.ensemble_weight)
+  from agriclip_jax.fileio import display_name
+  for prediction in predictions:  # photos from a URL are named by it, not by their local copy
+    prediction.image = display_name(prediction.image)
   k = min(args.top_k, len(labels))
   if args.json:
     for prediction in predictions:
