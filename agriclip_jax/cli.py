@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
   args = parse(sub_parser, argv[1:]) if parse else sub_parser.parse_args(argv[1:])
   try:
     return int(module.run(args) or 0)
+  except KeyboardInterrupt:
+    # Ctrl-C outside what a command handles itself (train and demo save first): the shell's 130
+    # and one line, not a traceback. Output files are written atomically, so none is half there.
+    print(f"agriclip {name}: interrupted", file=sys.stderr)
+    return 130
   except _expected_errors() as error:  # evaluated when an error arrives: sees what run() imported
     # Bad input, a full disk, bad data: the user's to fix. One line naming the problem, not a
     # traceback. Set AGRICLIP_DEBUG=1 to see where it came from.

@@ -130,3 +130,18 @@ def test_embed_reads_an_hf_clip_directory(tmp_path):
                      "--out", str(tmp_path / f"{name}.npz")]) == 0
   with np.load(tmp_path / "ours.npz") as a, np.load(tmp_path / "hf.npz") as b:
     np.testing.assert_allclose(a["image_embeddings"], b["image_embeddings"], atol=1e-5)
+
+
+def test_ctrl_c_in_any_command_is_the_shells_130_and_one_line(tmp_path, capsys, monkeypatch):
+  # Ctrl-C while a command reads its data (here: data inspect's source listing) ends it with the
+  # exit status shells give an interrupted command and one line, not a traceback.
+  from input_pipeline import sources
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(sources, "open_source", interrupted)
+  code = cli.main(["data", "inspect", str(tmp_path), "--no-captions"])
+  out, err = capsys.readouterr()
+  assert code == 130
+  assert err == "agriclip data: interrupted\n" and "Traceback" not in out
