@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -291,13 +292,22 @@ def training_config(config, data: DemoData, tokenizer_dir: Path, vocab_size: int
 
 
 class TrainingStopped(Exception):
-  """A signal stopped the training after its checkpoint was saved; the demo stops there and the
-  same command resumes it."""
+  """A signal stopped the training: after saving its checkpoint, or at once (a second Ctrl-C).
+  The demo stops there and the same command resumes it. `exit_code`: the shell's status for the
+  signal (130 Ctrl-C, 143 SIGTERM)."""
 
-  def __init__(self, signal_name: str, workdir: Path):
-    super().__init__(f"stopped by {signal_name} during training, after saving a checkpoint in "
-                     f"{workdir / 'checkpoints'}; run the same command again to resume")
-    self.signal_name = signal_name
+  def __init__(self, signal_name: str | None, workdir: Path):
+    checkpoints = workdir / "checkpoints"
+    if signal_name is None:  # KeyboardInterrupt: the second Ctrl-C
+      message = (f"interrupted: stopped at once by a second Ctrl-C during training; the same "
+                 f"command resumes from the newest complete checkpoint in {checkpoints}")
+      self.exit_code = 130
+    else:
+      message = (f"stopped by {signal_name} during training, after saving a checkpoint in "
+                 f"{checkpoints}; run the same command again to resume")
+      member = signal.Signals.__members__.get(signal_name, signal.SIGTERM)
+      self.exit_code = 128 + member.value
+    super().__init__(message)
 
 
 @dataclasses.dataclass
@@ -314,7 +324,10 @@ def train_models(train_cfg, workdir: Path) -> TrainingRun:
   finished run is exported again from its last one."""
   from agriclip_jax.train import loop
   from agriclip_jax.train.metrics_writer import read_metrics
-  last = loop.train(train_cfg, workdir)
+  try:
+    last = loop.train(train_cfg, workdir)
+  except KeyboardInterrupt:
+    raise TrainingStopped(None, workdir) from None
   if last.get("stopped_by"):
     raise TrainingStopped(last["stopped_by"], workdir)
   history = [r for r in read_metrics(workdir) if "contrastive_loss" in r]

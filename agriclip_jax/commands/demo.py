@@ -60,19 +60,12 @@ def run(args: argparse.Namespace) -> int:
     apply_override(config, key, text)
   options = demo.DemoOptions(args.workdir, args.data, args.metadata, tuple(args.evals),
                              args.holdout, export=not args.no_export)
-  import signal
   import sys
   try:
     demo.run_demo(options, config)
   except demo.TrainingStopped as stopped:
-    # The pipeline did not finish: the shell's status for the signal (130 Ctrl-C, 143 SIGTERM),
-    # so that `./run.sh && ...` does not go on.
+    # The pipeline did not finish: the shell's status for the signal, so that `./run.sh && ...`
+    # does not go on. (Ctrl-C in another stage: the CLI's one line and 130.)
     print(f"agriclip demo: {stopped}", file=sys.stderr, flush=True)
-    member = signal.Signals.__members__.get(stopped.signal_name, signal.SIGTERM)
-    return 128 + member.value
-  except KeyboardInterrupt:
-    print(f"agriclip demo: interrupted: stopped at once by a second Ctrl-C; the same command "
-          f"resumes from the newest complete checkpoint in {args.workdir / 'checkpoints'}",
-          file=sys.stderr, flush=True)
-    return 130
+    return stopped.exit_code
   return 0
