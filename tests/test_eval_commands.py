@@ -95,10 +95,12 @@ def _common_flags(models, corn_split):
 
 
 def test_knn_command_equals_evaluation_on_independent_features(models, corn_split,
-                                                               reference_features, tmp_path):
+                                                               reference_features, tmp_path, capsys):
   out = tmp_path / "knn.json"
+  capsys.readouterr()
   assert cli.main(["knn", *_common_flags(models, corn_split), "--features", "agriclip", "clip",
                    "--k", "1", "3", "5", "--out", str(out)]) == 0
+  console = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[knn] ")]
   document = json.loads(out.read_text())
   ref = reference_features
   train_n, test_n = len(ref["train_labels"]), len(ref["test_labels"])
@@ -122,6 +124,13 @@ def test_knn_command_equals_evaluation_on_independent_features(models, corn_spli
   difference = document["compared"]["clip"]["difference"]["3"]["top1"]
   assert difference == pytest.approx(
       evaluation.paired_bootstrap_difference(correct["agriclip", 3], correct["clip", 3]))
+  # The console shows every feature kind, the compared one with its paired difference.
+  assert [line.split(":")[0] for line in console[:-1]] == [
+      f"[knn] {kind} k={k}" for kind in ("agriclip", "clip") for k in (1, 3, 5)]
+  clip_k3 = console[4]
+  assert f"{100 * document['compared']['clip']['knn']['3']['top1']:.2f}%" in clip_k3
+  assert (f"agriclip - clip {100 * difference['difference']:+.2f} [{100 * difference['low']:+.2f}, "
+          f"{100 * difference['high']:+.2f}]") in clip_k3
 
 
 def test_probe_command_equals_evaluation_on_independent_features(models, corn_split,

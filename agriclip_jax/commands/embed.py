@@ -71,7 +71,7 @@ def list_images(spec: str | Path) -> list[Path]:
       raise FileNotFoundError(f"{given}:{number}: image {path} not found")
     paths.append(path)
   if not paths:
-    raise ValueError(f"{spec}: the list holds no image paths")
+    raise ValueError(f"{given}: the list holds no image paths")
   return sorted(paths)
 
 

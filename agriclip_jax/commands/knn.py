@@ -282,10 +282,18 @@ def run(args: argparse.Namespace) -> int:
   if not distributed.writes_outputs():
     return 0
   atomic_write_json(args.out, document, indent=2)
-  for k, row in document["knn"].items():
-    interval = row["top1_interval"]
-    print(f"[knn] {first} k={k}: top-1 {100 * row['top1']:.2f}% [{100 * interval['low']:.2f}, "
-          f"{100 * interval['high']:.2f}], top-5 {100 * row['top5']:.2f}% on {test.summary['images']} "
-          "images")
+  # Every feature kind on the console, each other kind with its paired difference to the first.
+  for kind in args.features:
+    rows = document["knn"] if kind == first else document["compared"][kind]["knn"]
+    for k, row in rows.items():
+      interval = row["top1_interval"]
+      line = (f"[knn] {kind} k={k}: top-1 {100 * row['top1']:.2f}% [{100 * interval['low']:.2f}, "
+              f"{100 * interval['high']:.2f}], top-5 {100 * row['top5']:.2f}% on "
+              f"{test.summary['images']} images")
+      if kind != first:
+        d = document["compared"][kind]["difference"][k]["top1"]
+        line += (f"; {first} - {kind} {100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, "
+                 f"{100 * d['high']:+.2f}]")
+      print(line)
   print(f"[knn] results -> {args.out}")
   return 0

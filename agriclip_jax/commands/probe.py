@@ -93,13 +93,21 @@ def run(args: argparse.Namespace) -> int:
   if not distributed.writes_outputs():
     return 0
   atomic_write_json(args.out, document, indent=2)
-  probe = document["probe"]
-  interval = probe["top1_interval"]
-  print(f"[probe] {first}: top-1 {100 * probe['top1']:.2f}% [{100 * interval['low']:.2f}, "
-        f"{100 * interval['high']:.2f}] on {test.summary['images']} images, C {probe['C']:g}")
-  for n, row in document.get("fewshot", {}).items():
-    print(f"[probe] {n}-shot over {row['seeds']} seeds: probe {100 * row['probe']['mean']:.2f} "
-          f"+- {100 * row['probe']['std']:.2f}%, centroid {100 * row['centroid']['mean']:.2f} "
-          f"+- {100 * row['centroid']['std']:.2f}%")
+  # Every feature kind on the console, each other kind with its paired difference to the first.
+  for kind in args.features:
+    part = document if kind == first else document["compared"][kind]
+    probe = part["probe"]
+    interval = probe["top1_interval"]
+    line = (f"[probe] {kind}: top-1 {100 * probe['top1']:.2f}% [{100 * interval['low']:.2f}, "
+            f"{100 * interval['high']:.2f}] on {test.summary['images']} images, C {probe['C']:g}")
+    if kind != first:
+      d = part["difference"]["probe"]["top1"]
+      line += (f"; {first} - {kind} {100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, "
+               f"{100 * d['high']:+.2f}]")
+    print(line)
+    for n, row in part.get("fewshot", {}).items():
+      print(f"[probe] {kind} {n}-shot over {row['seeds']} seeds: probe "
+            f"{100 * row['probe']['mean']:.2f} +- {100 * row['probe']['std']:.2f}%, centroid "
+            f"{100 * row['centroid']['mean']:.2f} +- {100 * row['centroid']['std']:.2f}%")
   print(f"[probe] results -> {args.out}")
   return 0
