@@ -169,6 +169,22 @@ def imagefolder_classes(root: str | os.PathLike) -> list[str]:
   return list_image_folder(root)[0]
 
 
+def with_metadata_names(task: Task, root: str | os.PathLike, metadata_path: str | os.PathLike) -> Task:
+  """The task with its class folders' readable names from caption metadata
+  (`prompts.load_metadata`, the schema the captions use) as what goes into the templates:
+  "Blight" -> "northern leaf blight". Every class folder must have a metadata entry."""
+  from agriclip_jax import prompts
+  metadata = prompts.load_metadata(metadata_path)
+  folders = tuple(task.class_names or imagefolder_classes(root))
+  known = {c.name: c for c in metadata.classes}
+  missing = [f for f in folders if f not in known]
+  if missing:
+    raise ValueError(f"--metadata {metadata_path}: class folder(s) {missing} of {root} have no "
+                     f"entry (its classes: {sorted(known)})")
+  return dataclasses.replace(task, class_names=folders,
+                             prompt_names=tuple(known[f].readable for f in folders))
+
+
 def imagefolder_task(root: str | os.PathLike, templates: list[str] | tuple[str, ...] | str | None = None,
                      name: str | None = None) -> Task:
   """A task for any ImageFolder tree: class names from its folders, the given template(s)."""

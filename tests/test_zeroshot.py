@@ -381,3 +381,38 @@ def test_the_ensemble_is_calibrated_on_the_align_data_never_on_the_task(corn_dir
     for key in ("weight", "clip_temperature", "agriclip_temperature"):
       assert row["ensemble"][key] == recorded[key], (name, key)
     assert "calibration" in row["ensemble"]["source"]
+
+
+def test_zeroshot_puts_the_metadatas_readable_class_names_into_the_templates(corn_dir, tmp_path,
+                                                                             capsys):
+  import json
+  from pathlib import Path
+
+  from agriclip_jax import api, cli
+  metadata = Path(__file__).resolve().parents[1] / "configs" / "corn_metadata.json"
+  readable = {name: c["readable"] for name, c in json.loads(metadata.read_text())["classes"].items()}
+  clip_dir, _ = _tiny_models(tmp_path)
+  data = corn_dir / "field"
+  template = "a photo of a corn leaf with {}."
+  out = tmp_path / "zeroshot.json"
+  assert cli.main(["zeroshot", "--model", str(clip_dir), "--data", str(data), "--template",
+                   template, "--method", "clip", "--metadata", str(metadata),
+                   "--out", str(out)]) == 0
+  row = json.loads(out.read_text())["results"][0]
+  folders = sorted(p.name for p in data.iterdir() if p.is_dir())
+  assert row["prompt_names"] == [readable[f] for f in folders]
+  # The Python API, given the readable names as labels, predicts the same top-1.
+  photos = sorted(p for f in folders for p in (data / f).iterdir())
+  truth = [readable[p.parent.name] for p in photos]
+  predictions = api.load(clip_dir).classify(photos, [readable[f] for f in folders], [template],
+                                            "clip")
+  assert row["top1"] == pytest.approx(np.mean([p.label == t for p, t in zip(predictions, truth)]))
+  # A class folder the metadata does not know is named before any model loads.
+  (tmp_path / "data" / "Mystery").mkdir(parents=True)
+  (tmp_path / "data" / "Mystery" / "leaf.jpg").write_bytes(photos[0].read_bytes())
+  capsys.readouterr()
+  assert cli.main(["zeroshot", "--model", str(tmp_path / "nowhere"), "--data",
+                   str(tmp_path / "data"), "--template", template, "--metadata", str(metadata),
+                   "--out", str(tmp_path / "x.json")]) == 2
+  assert f"--metadata {metadata}: class folder(s) ['Mystery'] of {tmp_path / 'data'} have no entry" \
+      in capsys.readouterr().err

@@ -205,6 +205,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--task", help="a registered task (its templates and class names)")
   parser.add_argument("--template", action="append",
                       help="prompt template with '{}'; repeat for an ensemble of templates")
+  parser.add_argument("--metadata", type=fileio.input_path,
+                      help="caption metadata JSON (as for `agriclip captions`, e.g. "
+                           "configs/corn_metadata.json): its readable class names go into the "
+                           "templates instead of the cleaned folder names")
   parser.add_argument("--suite", type=Path,
                       help="JSON suite file: several tasks, reports the mean; a pinned suite "
                            "(agriclip suite pin) has its data checked against the pin first")
@@ -263,6 +267,8 @@ def entries_from_args(args: argparse.Namespace):
     raise ValueError(f"task {task.name!r} needs --data (its ImageFolder)")
   if task.kind == "imagefolder" or (task.kind == "reference" and args.data):
     tasks.imagefolder_classes(args.data)  # clear errors for empty class folders before any model loads
+  if args.metadata is not None:
+    task = tasks.with_metadata_names(task, args.data, args.metadata)
   return [tasks.SuiteEntry(task, args.data, task.split, None)]
 
 
@@ -284,6 +290,11 @@ def run(args: argparse.Namespace) -> int:
   recipe = args.recipe or ("reference" if bundle else "agriclip-jax")
   predictions = args.predictions if args.predictions is not None else bundle
   methods = methods_from_flag(method)
+  if args.metadata is not None and (args.suite is not None
+                                    or not zeroshot.get_recipe(recipe).clean_names):
+    raise ValueError("--metadata names the classes of one --data task under the agriclip-jax "
+                     "recipe (a suite file gives its own class names; the reference recipe keeps "
+                     "the folder names)")
   suite = suite_from_args(args)
   entries = suite.entries if suite is not None else entries_from_args(args)
   if suite is not None and suite.hash is not None:
