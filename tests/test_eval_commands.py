@@ -172,3 +172,13 @@ def test_eval_commands_name_what_is_missing(models, corn_split, tmp_path, capsys
   assert re.search(r"--shots 9 needs as many training images of every class; .*train has fewer of "
                    r"\{'Blight': \d, ", capsys.readouterr().err)
   assert not out.exists()
+
+
+def test_a_probe_that_stops_at_max_iter_says_so(models, corn_split, tmp_path, capsys):
+  out = tmp_path / "probe.json"
+  capsys.readouterr()
+  assert cli.main(["probe", *_common_flags(models, corn_split), "--features", "clip", "--C", "10",
+                   "--max-iter", "2", "--out", str(out)]) == 0
+  assert json.loads(out.read_text())["probe"]["iterations"] == 2
+  assert ("[probe] warning: the clip probe (C 10) stopped at the --max-iter limit of 2 L-BFGS "
+          "iterations before converging") in capsys.readouterr().err

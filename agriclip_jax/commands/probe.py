@@ -15,6 +15,7 @@ N. Feature flags and the comparison of several kinds are as for `agriclip knn`.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import numpy as np
@@ -105,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
       line += (f"; {first} - {kind} {100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, "
                f"{100 * d['high']:+.2f}]")
     print(line)
+    if probe["iterations"] >= args.max_iter:
+      print(f"[probe] warning: the {kind} probe (C {probe['C']:g}) stopped at the --max-iter "
+            f"limit of {args.max_iter} L-BFGS iterations before converging; its accuracy may "
+            f"change with a larger --max-iter", file=sys.stderr)
     for n, row in part.get("fewshot", {}).items():
       print(f"[probe] {kind} {n}-shot over {row['seeds']} seeds: probe "
             f"{100 * row['probe']['mean']:.2f} +- {100 * row['probe']['std']:.2f}%, centroid "
