@@ -36,13 +36,18 @@ WITHOUT_TORCH = Path(__file__).resolve().parent / "without_torch"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def agriclip_without_torch(*args: str) -> subprocess.CompletedProcess:
-  """`python -m agriclip_jax ARGS` in a process where torch, torchvision, timm and open_clip cannot
-  be imported: what a machine with requirements.txt alone gives `./run.sh`."""
+def _env_without_torch() -> dict[str, str]:
+  """An environment where torch, torchvision, timm and open_clip cannot be imported: what a
+  machine with requirements.txt alone gives `./run.sh`."""
   path = os.pathsep.join(p for p in (str(WITHOUT_TORCH), str(REPO_ROOT),
                                      os.environ.get("PYTHONPATH", "")) if p)
+  return dict(os.environ, PYTHONPATH=path)
+
+
+def agriclip_without_torch(*args: str) -> subprocess.CompletedProcess:
+  """`python -m agriclip_jax ARGS` without torch (`_env_without_torch`)."""
   return subprocess.run([sys.executable, "-m", "agriclip_jax", *args], capture_output=True,
-                        text=True, timeout=1200, env=dict(os.environ, PYTHONPATH=path))
+                        text=True, timeout=1200, env=_env_without_torch())
 
 
 @pytest.fixture(scope="module")
@@ -217,11 +222,9 @@ def _losses(workdir: Path) -> dict[int, dict[str, float]]:
 
 
 def _start_demo(workdir: Path) -> subprocess.Popen:
-  path = os.pathsep.join(p for p in (str(WITHOUT_TORCH), str(REPO_ROOT),
-                                     os.environ.get("PYTHONPATH", "")) if p)
   return subprocess.Popen([sys.executable, "-m", "agriclip_jax", "demo", "--quick", "--workdir",
                            str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=dict(os.environ, PYTHONPATH=path))
+                          text=True, env=_env_without_torch())
 
 
 def _wait_for_checkpoint(process: subprocess.Popen, workdir: Path, above: int = 0) -> int:
